@@ -1,0 +1,47 @@
+"""Shared CLI helpers: consoles, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from mesimp_compress.errors import MesimpError
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line(message: str) -> str:
+    """Collapse a message to a single line."""
+    return " ".join(str(message).split())
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
+    """Print ``error: message`` on stderr as one line and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Map every MesimpError (and a few user-input OS errors) to one line and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MesimpError as exc:
+            raise fail(f"{type(exc).__name__}: {exc}") from None
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            raise fail(f"{type(exc).__name__}: {exc}") from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", code=130) from None
+
+    return wrapper  # type: ignore[return-value]

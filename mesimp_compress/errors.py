@@ -1,0 +1,63 @@
+"""One exception hierarchy for everything the library raises on purpose.
+
+The CLI maps every :class:`MesimpError` to a one-line message and exit code 2, so each
+message must say what was expected and what was found, in one line.
+"""
+
+from __future__ import annotations
+
+
+class MesimpError(Exception):
+    """Root of every error raised on purpose by mesimp_compress."""
+
+
+class ConfigError(MesimpError, ValueError):
+    """A setting is out of range, of the wrong type, or unknown."""
+
+
+class KError(ConfigError):
+    """A meProp k is not a positive int or a fraction in (0, 1]."""
+
+
+class SpecError(MesimpError):
+    """A `file.py:name` / `package.module:name` spec cannot be resolved or misbehaves."""
+
+
+class DataError(MesimpError):
+    """Data is empty, malformed, or does not fit the model."""
+
+
+class ShapeError(DataError):
+    """A tensor shape does not match what was expected."""
+
+
+class UnsupportedStructureError(MesimpError):
+    """The model contains structure that cannot be compressed safely; names the module."""
+
+
+class PlanError(MesimpError):
+    """A pruning plan is invalid for the model it is applied to."""
+
+
+class CheckpointError(MesimpError):
+    """A checkpoint or state_dict does not fit the model or cannot be read."""
+
+
+class NonFiniteLossError(MesimpError):
+    """The training loss became NaN or inf."""
+
+
+class ExportError(MesimpError):
+    """ONNX export or the ONNX checker failed."""
+
+
+class ParityError(MesimpError):
+    """onnxruntime outputs disagree with PyTorch beyond tolerance."""
+
+
+class SizeError(MesimpError):
+    """An exported model did not shrink as the plan says it should."""
+
+
+class OutputExistsError(MesimpError):
+    """The output directory exists and is not empty (use force to overwrite)."""

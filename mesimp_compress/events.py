@@ -1,0 +1,28 @@
+"""Progress events: the library reports progress by calling a sink, never by printing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """One progress event. ``kind`` names it (e.g. ``"window"``, ``"prune"``, ``"epoch_start"``)."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+EventSink = Callable[[Event], None]
+
+
+def null_sink(event: Event) -> None:
+    """Drop every event (the default when no sink is given)."""
+
+
+def emit(sink: EventSink | None, kind: str, **data: Any) -> None:
+    """Send one event to ``sink`` if there is one."""
+    if sink is not None:
+        sink(Event(kind, data))
