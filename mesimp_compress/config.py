@@ -1,0 +1,250 @@
+"""CompressConfig: every setting of a compression run, validated, loadable from TOML.
+
+A recipe file holds the same keys as the dataclass fields (``prune_rate`` or ``prune-rate``);
+unknown keys and values of the wrong type are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, KError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+MODES = ("unified", "per_example")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+NORMAL_BACKPROP = ("dense", "meprop")
+
+
+@dataclass
+class CompressConfig:
+    """Settings of one compression run (the paper's names where it has one)."""
+
+    k: int | float = 0.3
+    """meProp top-k per layer: an int, or a fraction of the layer's width. With unified
+    top-k the width converges to k, so k is in effect the target width."""
+    mode: str = "unified"
+    prune_rate: float = 0.1
+    """A unit with hits < prune_rate * examples_in_window is removed after each window."""
+    window: float = 0.125
+    """Window length as a fraction of an epoch (the paper: 1/8)."""
+    epochs: int = 2
+    """Epochs of each pruning cycle and of each normal cycle."""
+    cycles: int = 1
+    """How many (pruning cycle, normal cycle) pairs to run."""
+    recovery_epochs: int = 2
+    """Extra normal epochs after the last cycle (recovery fine-tuning)."""
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    sparse_update: bool = False
+    """Row-sparse optimizer step during meProp phases (only rows with a gradient move)."""
+    normal_backprop: str = "dense"
+    """Backprop in normal cycles: "dense" (measured better) or "meprop" (the paper)."""
+    sparse_bias: bool = False
+    min_width: int = 4
+    round_to: int = 1
+    """Round kept widths up to a multiple of this (8 or 16 suit ORT's kernels)."""
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    output_layer: str | None = None
+    allow_residual: bool = False
+    compensate: bool = True
+    """Fold the removed units' mean contribution into the consumer's bias."""
+    distill: float = 0.5
+    """Weight of distillation from the original model (0 = task loss only)."""
+    temperature: float = 2.0
+    max_drop: float | None = None
+    """Roll back a prune whose metric falls more than this below the original."""
+    recovery_windows: int = 2
+    """Windows of training after a prune before the max_drop check."""
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+    batches: list[int] = field(default_factory=lambda: [1, 8, 64])
+    """Batch sizes of the latency benchmark."""
+    bench_threads: int = 1
+    quantize: bool = False
+    opset: int | None = None
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ConfigError (KError for k) naming the first bad setting."""
+        _check_k(self.k)
+        _choice("mode", self.mode, MODES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("normal_backprop", self.normal_backprop, NORMAL_BACKPROP)
+        _range("prune_rate", self.prune_rate, 0.0, 1.0, low_open=False)
+        _range("window", self.window, 0.0, 1.0, low_open=True)
+        _int_min("epochs", self.epochs, 0)
+        _int_min("cycles", self.cycles, 0)
+        _int_min("recovery_epochs", self.recovery_epochs, 0)
+        _range("lr", self.lr, 0.0, math.inf, low_open=True)
+        _range("weight_decay", self.weight_decay, 0.0, math.inf, low_open=False)
+        _int_min("min_width", self.min_width, 1)
+        _int_min("round_to", self.round_to, 1)
+        _range("distill", self.distill, 0.0, math.inf, low_open=False)
+        _range("temperature", self.temperature, 0.0, math.inf, low_open=True)
+        if self.max_drop is not None:
+            _range("max_drop", self.max_drop, 0.0, math.inf, low_open=False)
+        _int_min("recovery_windows", self.recovery_windows, 1)
+        if self.threads is not None:
+            _int_min("threads", self.threads, 1)
+        _int_min("seed", self.seed, 0)
+        _int_min("bench_threads", self.bench_threads, 1)
+        if not self.batches or any(not _is_int(b) or b < 1 for b in self.batches):
+            raise ConfigError(f"batches must be a non-empty list of positive ints, got {self.batches!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of module-name patterns, got {value!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError(f"device must be a string like 'cpu' or 'cuda:0', got {self.device!r}")
+        _range("atol", self.atol, 0.0, math.inf, low_open=True)
+        _range("rtol", self.rtol, 0.0, math.inf, low_open=False)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data copy of every setting (for report.json)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Names of every setting."""
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> CompressConfig:
+        """Build from a mapping; hyphens in keys are accepted; unknown keys are errors."""
+        known = {f.name: f for f in fields(cls)}
+        clean: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {raw_key!r}; valid keys: {', '.join(sorted(known))}"
+                )
+            clean[key] = _coerce(key, value, source)
+        return cls(**clean)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> CompressConfig:
+        """Read a recipe file (a flat TOML table, or one under ``[compress]``)."""
+        return cls.from_dict(read_toml(path), source=str(path))
+
+    def replace(self, **changes: Any) -> CompressConfig:
+        """A copy with some settings changed (validated)."""
+        return CompressConfig.from_dict({**self.to_dict(), **changes})
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe's key/value table; ConfigError for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: malformed TOML: {exc}") from None
+    if set(data) == {"compress"} and isinstance(data["compress"], dict):
+        data = data["compress"]
+    return data
+
+
+# ---------------------------------------------------------------------- helpers
+_FLOAT_KEYS = {"prune_rate", "window", "lr", "weight_decay", "distill", "temperature",
+               "max_drop", "atol", "rtol"}
+_INT_KEYS = {"epochs", "cycles", "recovery_epochs", "min_width", "round_to", "recovery_windows",
+             "threads", "seed", "bench_threads", "opset"}
+_BOOL_KEYS = {"sparse_update", "sparse_bias", "allow_residual", "compensate", "quantize"}
+_STR_KEYS = {"mode", "optimizer", "normal_backprop", "device", "output_layer"}
+_LIST_KEYS = {"include", "exclude", "batches"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+
+    if value is None and key in {"max_drop", "threads", "opset", "output_layer"}:
+        return None
+    if key == "k":
+        return value  # validated by _check_k with its own message
+    if key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if key in _INT_KEYS:
+        if not _is_int(value):
+            raise bad("an integer")
+        return value
+    if key in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if key in _STR_KEYS:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if key in _LIST_KEYS:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        if key == "batches":
+            out = []
+            for v in value:
+                if isinstance(v, str) and v.strip().isdigit():
+                    v = int(v)
+                if not _is_int(v):
+                    raise bad("a list of positive ints")
+                out.append(v)
+            return out
+        return list(value)
+    return value
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise KError(f"k must be a positive int or a fraction in (0, 1], got {k!r}")
+    if isinstance(k, float):
+        if not (0.0 < k <= 1.0) or math.isnan(k):
+            raise KError(f"k as a fraction must lie in (0, 1], got {k!r}")
+    elif k < 1:
+        raise KError(f"k must be >= 1, got {k!r}")
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+
+
+def _range(name: str, value: Any, low: float, high: float, *, low_open: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    ok_low = value > low if low_open else value >= low
+    if not ok_low or value > high:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name} must lie in {bracket}{low}, {high}], got {value!r}")
+
+
+def _int_min(name: str, value: Any, low: int) -> None:
+    if not _is_int(value) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

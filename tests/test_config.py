@@ -1,0 +1,52 @@
+import pytest
+
+from mesimp_compress.config import CompressConfig
+from mesimp_compress.errors import ConfigError, KError
+
+
+def test_defaults_validate_and_round_trip():
+    cfg = CompressConfig()
+    assert CompressConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("k", [0, -3, 0.0, 1.5, -0.2, "ten", True, None, float("nan")])
+def test_bad_k_is_a_typed_error_naming_the_value(k):
+    with pytest.raises(KError, match="k"):
+        CompressConfig(k=k)
+
+
+def test_toml_keys_with_hyphens_and_a_compress_table(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[compress]\nk = 64\nprune-rate = 0.2\nbatches = [1, 4]\nmax_drop = 0.5\n')
+    cfg = CompressConfig.from_toml(path)
+    assert (cfg.k, cfg.prune_rate, cfg.batches, cfg.max_drop) == (64, 0.2, [1, 4], 0.5)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("kk = 3\n", "unknown key 'kk'"),
+        ("epochs = 'two'\n", "epochs must be an integer"),
+        ("lr = -1\n", "lr must lie in"),
+        ("mode = 'sparse'\n", "mode must be one of unified, per_example"),
+        ("k = [\n", "malformed TOML"),
+        ("batches = [0, 8]\n", "batches"),
+        ("compensate = 'yes'\n", "compensate must be true or false"),
+    ],
+)
+def test_bad_recipes_name_the_problem(tmp_path, text, match):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        CompressConfig.from_toml(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        CompressConfig.from_toml(tmp_path / "nope.toml")
+
+
+def test_replace_validates():
+    with pytest.raises(ConfigError, match="min_width"):
+        CompressConfig().replace(min_width=0)
+    assert CompressConfig().replace(k=12).k == 12
