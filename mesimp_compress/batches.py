@@ -1,0 +1,67 @@
+"""Batches as users give them: ``(inputs, targets)`` where inputs is a tensor or a tuple."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .errors import DataError
+
+
+def split_batch(batch: Any, *, where: str = "data") -> tuple[tuple[Any, ...], Any]:
+    """Return ``(inputs_tuple, targets)`` from one batch; DataError when it has another form."""
+    if isinstance(batch, dict):
+        raise DataError(f"{where}: batches must be (inputs, targets) pairs, got a dict with keys {sorted(batch)}")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        kind = type(batch).__name__
+        size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise DataError(f"{where}: batches must be (inputs, targets) pairs, got a {kind}{size}")
+    inputs, targets = batch
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, (tuple, list)) and inputs:
+        inputs = tuple(inputs)
+    else:
+        raise DataError(f"{where}: inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    return inputs, targets
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """Move tensors (nested in tuples/lists/dicts) to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def batch_size(inputs: tuple[Any, ...]) -> int:
+    """Leading dimension of the first tensor input."""
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+    return 1
+
+
+def count_batches(data: Iterable[Any], *, where: str) -> int:
+    """Number of batches per pass; the data must be re-iterable (not a one-shot generator)."""
+    if iter(data) is data:
+        raise DataError(f"{where}: data must be re-iterable (a DataLoader or a list), got a one-shot iterator")
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        n = sum(1 for _ in data)
+    if n == 0:
+        raise DataError(f"{where}: no batches")
+    return n
+
+
+def first_batch(data: Iterable[Any], *, where: str) -> tuple[tuple[Any, ...], Any]:
+    """The first batch, split; DataError if there is none."""
+    for batch in data:
+        return split_batch(batch, where=where)
+    raise DataError(f"{where}: no batches")

@@ -1,0 +1,101 @@
+"""An output directory that appears whole or not at all.
+
+Files are written into a hidden staging folder beside the target, each under a temporary
+name then renamed; ``commit`` renames the folder into place. A run that fails leaves the
+target untouched (and removes its staging folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputExistsError
+
+
+class OutputDir:
+    """Stage files for ``path`` and publish them atomically with :meth:`commit`."""
+
+    def __init__(self, path: str | Path, *, force: bool = False) -> None:
+        self.path = Path(path)
+        self.force = force
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise OutputExistsError(f"output path {self.path} exists and is not a directory")
+            if any(self.path.iterdir()) and not force:
+                raise OutputExistsError(
+                    f"output directory {self.path} exists and is not empty (use --force to replace it)"
+                )
+        parent = self.path.parent
+        if not parent.exists():
+            parent.mkdir(parents=True, exist_ok=True)
+        self._staging: Path | None = None
+
+    @property
+    def staging(self) -> Path:
+        """The folder files are written into before commit."""
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-",
+                                                  dir=self.path.parent))
+        return self._staging
+
+    def file(self, name: str) -> Path:
+        """Path of a file inside the staging folder (parents created)."""
+        p = self.staging / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_with(self, name: str, writer: Callable[[Path], Any]) -> Path:
+        """Call ``writer(tmp_path)`` then rename the temporary file to ``name``."""
+        final = self.file(name)
+        tmp = final.with_name(f".{final.name}.tmp")
+        try:
+            writer(tmp)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return final
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """Write ``data`` as indented JSON, atomically."""
+        def writer(p: Path) -> None:
+            p.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n",
+                         encoding="utf-8")
+        return self.write_with(name, writer)
+
+    def commit(self) -> Path:
+        """Publish the staged files at ``path`` (replacing an old folder only with force)."""
+        staging = self.staging
+        old: Path | None = None
+        if self.path.exists():
+            if any(self.path.iterdir()) and not self.force:
+                raise OutputExistsError(f"output directory {self.path} appeared during the run")
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(staging, self.path)
+        self._staging = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the staging folder (the target is untouched)."""
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

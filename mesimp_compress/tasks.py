@@ -1,0 +1,87 @@
+"""Default loss, metric and distillation, for classifiers and sequence taggers alike.
+
+Outputs of shape (B, C) go with targets (B,); outputs (B, T, C) with targets (B, T), where
+positions whose target is ``IGNORE_INDEX`` (-100, PyTorch's convention) are padding and count
+nowhere. A metric returns ``(sum, count)`` so batches of any size average exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ShapeError
+
+IGNORE_INDEX = -100
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+MetricFn = Callable[[Any, Any], "tuple[float, float] | float"]
+
+
+def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise ShapeError(
+            "the default loss/metric expect a tensor output and tensor targets; "
+            f"got {type(outputs).__name__} and {type(targets).__name__} (pass --loss/--metric)"
+        )
+    if outputs.dim() == targets.dim() + 1 and outputs.shape[:-1] == targets.shape:
+        return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
+    raise ShapeError(
+        f"model output {tuple(outputs.shape)} does not fit targets {tuple(targets.shape)}: "
+        "expected (B, C) with (B,) or (B, T, C) with (B, T)"
+    )
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the non-padding positions."""
+    logits, labels = _flatten(outputs, targets)
+    if labels.dtype.is_floating_point:
+        raise ShapeError(f"class targets must be integers, got {labels.dtype}")
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """(correct, counted) over the non-padding positions."""
+    logits, labels = _flatten(outputs, targets)
+    mask = labels != IGNORE_INDEX
+    correct = (logits.argmax(-1) == labels) & mask
+    return float(correct.sum()), float(mask.sum())
+
+
+def distillation(student: Any, teacher: Any, targets: Any, temperature: float) -> torch.Tensor:
+    """Match the original model's outputs: soft-label KL for logits, MSE otherwise.
+
+    Logits are recognised as float outputs whose leading dims match integer targets; padding
+    positions (target -100) are skipped.
+    """
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise ShapeError("distillation needs tensor outputs from the model")
+    is_logits = (
+        isinstance(targets, torch.Tensor)
+        and not targets.dtype.is_floating_point
+        and student.dim() == targets.dim() + 1
+        and student.shape[:-1] == targets.shape
+    )
+    if not is_logits:
+        return F.mse_loss(student, teacher)
+    s, labels = _flatten(student, targets)
+    t = teacher.reshape(-1, teacher.shape[-1])
+    keep = labels != IGNORE_INDEX
+    s, t = s[keep], t[keep]
+    if s.numel() == 0:
+        return student.sum() * 0.0
+    log_p = F.log_softmax(s / temperature, dim=-1)
+    q = F.softmax(t / temperature, dim=-1)
+    return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+
+
+def metric_value(result: tuple[float, float] | float | torch.Tensor, batch: int) -> tuple[float, float]:
+    """Normalise a metric's return to (sum, count): a plain number counts as a batch mean."""
+    if isinstance(result, tuple):
+        total, count = result
+        return float(total), float(count)
+    return float(result) * batch, float(batch)

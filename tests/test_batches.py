@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from mesimp_compress.batches import batch_size, count_batches, first_batch, split_batch
+from mesimp_compress.errors import DataError
+
+
+def test_split_accepts_tensor_or_tuple_inputs():
+    x, y = torch.zeros(3, 2), torch.zeros(3)
+    assert split_batch((x, y))[0] == (x,)
+    inputs, _ = split_batch(((x, x), y))
+    assert len(inputs) == 2 and batch_size(inputs) == 3
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"x": 1}, "dict"), ((1, 2, 3), "length 3"), ("abc", "str"), ((None, 1), "inputs must be"),
+])
+def test_malformed_batches_are_data_errors(bad, match):
+    with pytest.raises(DataError, match=match):
+        split_batch(bad)
+
+
+def test_generators_and_empty_data_are_refused():
+    with pytest.raises(DataError, match="re-iterable"):
+        count_batches((b for b in [1]), where="train data")
+    with pytest.raises(DataError, match="no batches"):
+        count_batches([], where="train data")
+    with pytest.raises(DataError, match="no batches"):
+        first_batch([], where="eval data")
+    assert count_batches([(torch.zeros(1), torch.zeros(1))] * 3, where="x") == 3

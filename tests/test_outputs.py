@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from mesimp_compress.errors import OutputExistsError
+from mesimp_compress.outputs import OutputDir
+
+
+def test_files_appear_only_on_commit(tmp_path):
+    target = tmp_path / "run"
+    out = OutputDir(target)
+    out.write_json("report.json", {"a": 1})
+    out.write_with("plots/w.txt", lambda p: p.write_text("x"))
+    assert not target.exists()
+    out.commit()
+    assert json.loads((target / "report.json").read_text()) == {"a": 1}
+    assert (target / "plots" / "w.txt").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging left behind
+
+
+def test_non_empty_dir_refused_unless_force(tmp_path):
+    target = tmp_path / "run"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(OutputExistsError, match="--force"):
+        OutputDir(target)
+    out = OutputDir(target, force=True)
+    out.write_json("report.json", [1])
+    assert (target / "old.txt").exists()  # untouched until commit
+    out.commit()
+    assert sorted(p.name for p in target.iterdir()) == ["report.json"]
+
+
+def test_discard_leaves_target_untouched(tmp_path):
+    (tmp_path / "run").mkdir()
+    out = OutputDir(tmp_path / "run")
+    out.write_json("report.json", {})
+    out.discard()
+    assert list((tmp_path / "run").iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_failed_writer_leaves_no_partial_file(tmp_path):
+    out = OutputDir(tmp_path / "run")
+
+    def boom(p):
+        p.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        out.write_with("weights.pt", boom)
+    assert list(out.staging.iterdir()) == []
+
+
+def test_a_file_in_the_way_is_refused(tmp_path):
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(OutputExistsError, match="not a directory"):
+        OutputDir(tmp_path / "run")

@@ -1,0 +1,41 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mesimp_compress import tasks
+from mesimp_compress.errors import ShapeError
+
+
+def test_sequence_loss_and_accuracy_ignore_padding():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [5.0, 0.0]]])  # (1, 3, 2)
+    targets = torch.tensor([[0, 0, -100]])
+    assert tasks.accuracy(logits, targets) == (1.0, 2.0)
+    expected = F.cross_entropy(logits[0, :2], targets[0, :2])
+    assert torch.allclose(tasks.cross_entropy(logits, targets), expected)
+
+
+def test_classifier_accuracy_counts():
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert tasks.accuracy(logits, torch.tensor([0, 1, 1])) == (2.0, 3.0)
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ShapeError, match=r"\(4, 10\).*\(5,\)"):
+        tasks.cross_entropy(torch.zeros(4, 10), torch.zeros(5, dtype=torch.long))
+
+
+def test_distillation_is_zero_for_identical_logits_and_positive_otherwise():
+    s = torch.randn(6, 5)
+    y = torch.randint(0, 5, (6,))
+    assert float(tasks.distillation(s, s.clone(), y, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(tasks.distillation(s, torch.randn(6, 5), y, 2.0)) > 0
+
+
+def test_distillation_falls_back_to_mse_for_embeddings():
+    s, t = torch.zeros(3, 4), torch.ones(3, 4)
+    assert float(tasks.distillation(s, t, torch.zeros(3, 4), 1.0)) == pytest.approx(1.0)
+
+
+def test_metric_value_normalises_means_and_pairs():
+    assert tasks.metric_value((3.0, 4.0), 10) == (3.0, 4.0)
+    assert tasks.metric_value(0.5, 10) == (5.0, 10.0)
