@@ -1,0 +1,155 @@
+"""meProp for nn.Conv2d: the unit is an output channel (one filter).
+
+Backward, unified mode: one top-k over |dL/dy| summed over batch and positions; dy and W are
+gathered to the k selected channels and ``aten.convolution_backward`` runs on that small
+convolution, giving grad_x and the gradient of the k selected filters only. Per-example
+mode: each example its own top-k over |dy| summed over its positions, dy masked and
+gathered to the union of selected channels. Grouped convolutions (groups > 1) cannot be
+gathered into a smaller grouped convolution, so their masked dy runs through the full-size
+backward (correct, not faster). The bias gets the dense gradient unless ``sparse_bias``.
+The k filters' gradients go to a row-sparse optimizer that claimed the weight
+(:mod:`.rowgrad`), else into ``.grad`` as the exact masked dense gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import rowgrad
+from .functions import per_example_units, record_hook, unified_units
+from .settings import MePropSettings, build_settings
+
+
+class _Conv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, settings, k, stride, padding, dilation, groups):  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        ctx.params = (weight, bias)
+        ctx.settings = settings
+        ctx.conf = (k, stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        if x.dtype != dy.dtype:  # autocast ran the forward in another precision
+            x, weight = x.to(dy.dtype), weight.to(dy.dtype)
+        weight_param, bias_param = ctx.params
+        s = ctx.settings
+        k, stride, padding, dilation, groups = ctx.conf
+        width = weight.shape[0]
+        examples = x.shape[0]
+        counts = None
+        if s.mode == "unified":
+            units = unified_units(dy.abs().sum((0, 2, 3)), k)
+            dy_sel = dy
+        else:
+            score = dy.abs().sum((2, 3))
+            mask, counts, units = per_example_units(score, k)
+            dy_sel = dy * mask[:, :, None, None]
+        needs = ctx.needs_input_grad
+        mask_out = [needs[0], needs[1], False]
+        if groups == 1:
+            dy_k = dy_sel.index_select(1, units)
+            grad_x, grad_wk, _ = torch.ops.aten.convolution_backward(
+                dy_k, x, weight.index_select(0, units), None, stride, padding, dilation,
+                False, [0, 0], 1, mask_out)
+        else:
+            if counts is None:
+                keep = dy.new_zeros(width).index_fill_(0, units, 1.0)
+                dy_sel = dy * keep[None, :, None, None]
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                dy_sel, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                mask_out)
+            grad_wk = grad_w.index_select(0, units) if grad_w is not None else None
+        grad_w = grad_b = None
+        if needs[1]:
+            grad_w = rowgrad.deliver(weight_param, units, grad_wk)
+        if needs[2]:
+            if s.sparse_bias:
+                grad_b = rowgrad.deliver(bias_param, units,
+                                         dy_sel.index_select(1, units).sum((0, 2, 3)))
+            else:
+                grad_b = dy.sum((0, 2, 3))
+        if s.tracker is not None:
+            if counts is None:
+                s.tracker.record_selected(s.key, units, examples, width)
+            else:
+                s.tracker.record(s.key, counts, examples)
+        return grad_x if needs[0] else None, grad_w, grad_b, None, None, None, None, None, None
+
+
+class MePropConv2d(nn.Conv2d):
+    """nn.Conv2d whose backward keeps only the top-k output channels (see module docstring).
+
+    ``k`` is an int, a fraction of ``out_channels`` in (0, 1], or None (dense backprop);
+    a k at or above the current width gives exact dense backprop.
+    """
+
+    meprop: MePropSettings
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", *, k: int | float | None = None,
+                 mode: str = "unified", sparse_bias: bool = False, key: str = "",
+                 tracker: Any = None, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device=device, dtype=dtype)
+        self.meprop = _settings(self, key, k, mode, sparse_bias, tracker)
+
+    @classmethod
+    def wrap(cls, module: nn.Conv2d, k: int | float | None, *, mode: str = "unified",
+             sparse_bias: bool = False, key: str = "", tracker: Any = None) -> MePropConv2d:
+        """Turn ``module`` itself into a MePropConv2d (same object, same Parameters)."""
+        settings = _settings(module, key, k, mode, sparse_bias, tracker)
+        module.__class__ = cls
+        module.meprop = settings
+        return module
+
+    def unwrap(self) -> nn.Conv2d:
+        """Turn this module back into a plain nn.Conv2d (same object, same Parameters)."""
+        del self.meprop
+        self.__class__ = nn.Conv2d
+        return self
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        s = self.meprop
+        weight = self.weight
+        if s.k is None or not torch.is_grad_enabled() or not (
+            input.requires_grad or weight.requires_grad
+            or (self.bias is not None and self.bias.requires_grad)
+        ):
+            return self._conv_forward(input, weight, self.bias)
+        width = weight.shape[0]
+        batched = input.dim() == 4
+        x = input if batched else input.unsqueeze(0)
+        if s.k >= width:
+            out = self._conv_forward(x, weight, self.bias)
+            if s.tracker is not None:
+                out.register_hook(record_hook(s, s.key, x.shape[0], width))
+            return out if batched else out.squeeze(0)
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            if padding != "valid":
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        out = _Conv2dFn.apply(x, weight, self.bias, s, s.k, list(self.stride), list(padding),
+                              list(self.dilation), self.groups)
+        return out if batched else out.squeeze(0)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        s = self.meprop
+        return f"{super().extra_repr()}, k={s.k}, mode={s.mode}, sparse_bias={s.sparse_bias}"
+
+
+
+def _settings(module: nn.Module, key: str, k: Any, mode: str, sparse_bias: bool,
+              tracker: Any) -> MePropSettings:
+    return build_settings(key, module.weight.shape[0], k, mode, sparse_bias, tracker)

@@ -1,0 +1,43 @@
+"""Top-k selection of units from output gradients, shared by every meProp layer kind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .settings import MePropSettings
+
+
+def unified_units(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of ``score`` (one per unit), unsorted."""
+    return score.topk(k, sorted=False).indices
+
+
+def per_example_units(
+    score: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each example's own top-k of ``score`` (examples x units).
+
+    Returns ``(mask, counts, units)``: the 0/1 mask (same dtype as ``score``), how many
+    examples selected each unit (int64), and the units selected by any example (sorted).
+    """
+    picks = score.topk(k, dim=1, sorted=False).indices
+    mask = torch.zeros_like(score).scatter_(1, picks, 1.0)
+    counts = torch.zeros(score.shape[1], dtype=torch.int64, device=score.device)
+    counts.index_add_(0, picks.reshape(-1), torch.ones_like(picks).reshape(-1))
+    units = counts.nonzero().squeeze(1)
+    return mask, counts, units
+
+
+def record_hook(settings: MePropSettings, key: str, examples: int, width: int) -> Callable:
+    """A gradient hook that records 'every unit selected by every example' once per backward."""
+    tracker = settings.tracker
+    fired = [False]
+
+    def hook(grad: torch.Tensor) -> None:
+        if not fired[0]:
+            fired[0] = True
+            tracker.record_selected(key, None, examples, width)
+
+    return hook

@@ -1,0 +1,142 @@
+"""meProp for nn.Linear: the unit is an output feature (a row of W).
+
+Backward, unified mode: one top-k over |dL/dy| summed over every leading dim, shared by the
+whole minibatch; the k selected columns of dy are gathered into a dense (rows x k) block so
+that ``grad_x = dy_k W_k`` and ``grad_W[k rows] = dy_kᵀ x`` are small dense matmuls.
+Per-example mode: each example (index along dim 0; further leading dims are positions)
+takes its own top-k over |dy| summed over its positions; the masked dy is gathered to the
+union of selected units and the same small matmuls follow. The bias gets the dense gradient
+unless ``sparse_bias`` is set. The k weight rows go to a row-sparse optimizer that claimed
+the weight (:mod:`.rowgrad`), else into ``.grad`` as the exact masked dense gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import rowgrad
+from .functions import per_example_units, record_hook, unified_units
+from .settings import MePropSettings, build_settings
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, settings, k):  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        ctx.params = (weight, bias)
+        ctx.settings = settings
+        ctx.k = k
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        if x.dtype != dy.dtype:  # autocast ran the forward in another precision
+            x, weight = x.to(dy.dtype), weight.to(dy.dtype)
+        weight_param, bias_param = ctx.params
+        s = ctx.settings
+        width, fan_in = weight.shape
+        dy2 = dy.reshape(-1, width)
+        examples = x.shape[0] if x.dim() > 1 else 1
+        counts = None
+        if s.mode == "unified":
+            units = unified_units(dy2.abs().sum(0), ctx.k)
+            dy_k = dy2.index_select(1, units)
+        else:
+            per_example = dy.reshape(examples, -1, width)
+            score = per_example.abs().sum(1)
+            mask, counts, units = per_example_units(score, ctx.k)
+            dy_k = (per_example * mask.unsqueeze(1)).reshape(-1, width).index_select(1, units)
+        grad_x = grad_w = grad_b = None
+        needs = ctx.needs_input_grad
+        if needs[0]:
+            grad_x = torch.mm(dy_k, weight.index_select(0, units)).view(x.shape)
+        if needs[1]:
+            grad_w = rowgrad.deliver(weight_param, units,
+                                     torch.mm(dy_k.t(), x.reshape(-1, fan_in)))
+        if needs[2]:
+            if s.sparse_bias:
+                grad_b = rowgrad.deliver(bias_param, units, dy_k.sum(0))
+            else:
+                grad_b = dy2.sum(0)
+        if s.tracker is not None:
+            if counts is None:
+                s.tracker.record_selected(s.key, units, examples, width)
+            else:
+                s.tracker.record(s.key, counts, examples)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class MePropLinear(nn.Linear):
+    """nn.Linear whose backward keeps only the top-k output gradients (see module docstring).
+
+    ``k`` is an int, a fraction of ``out_features`` in (0, 1], or None (dense backprop);
+    a k at or above the current width gives exact dense backprop.
+    """
+
+    meprop: MePropSettings
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        k: int | float | None = None,
+        mode: str = "unified",
+        sparse_bias: bool = False,
+        key: str = "",
+        tracker: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.meprop = _settings(self, key, k, mode, sparse_bias, tracker)
+
+    @classmethod
+    def wrap(cls, module: nn.Linear, k: int | float | None, *, mode: str = "unified",
+             sparse_bias: bool = False, key: str = "", tracker: Any = None) -> MePropLinear:
+        """Turn ``module`` itself into a MePropLinear (same object, same Parameters)."""
+        settings = _settings(module, key, k, mode, sparse_bias, tracker)
+        module.__class__ = cls
+        module.meprop = settings
+        return module
+
+    def unwrap(self) -> nn.Linear:
+        """Turn this module back into a plain nn.Linear (same object, same Parameters)."""
+        del self.meprop
+        self.__class__ = nn.Linear
+        return self
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        s = self.meprop
+        weight = self.weight
+        if s.k is None or not torch.is_grad_enabled() or not (
+            input.requires_grad or weight.requires_grad
+            or (self.bias is not None and self.bias.requires_grad)
+        ):
+            return F.linear(input, weight, self.bias)
+        width = weight.shape[0]
+        if s.k >= width:
+            out = F.linear(input, weight, self.bias)
+            if s.tracker is not None:
+                examples = input.shape[0] if input.dim() > 1 else 1
+                out.register_hook(record_hook(s, s.key, examples, width))
+            return out
+        return _LinearFn.apply(input, weight, self.bias, s, s.k)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        s = self.meprop
+        return f"{super().extra_repr()}, k={s.k}, mode={s.mode}, sparse_bias={s.sparse_bias}"
+
+
+
+def _settings(module: nn.Module, key: str, k: Any, mode: str, sparse_bias: bool,
+              tracker: Any) -> MePropSettings:
+    return build_settings(key, module.weight.shape[0], k, mode, sparse_bias, tracker)

@@ -1,0 +1,56 @@
+"""Row gradients: how a meProp layer hands the k rows it computed to a row-sparse optimizer.
+
+A row-sparse optimizer *claims* its parameters. When a meProp layer's backward finds that
+the weight it computed rows for is claimed by a live optimizer, it gives the optimizer
+``(rows, values)`` and leaves ``.grad`` alone, so no full-size zero gradient is built.
+Otherwise it returns the exact masked dense gradient, which autograd puts in ``.grad`` for
+any ordinary optimizer. Claims are weak: they end with the optimizer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Protocol
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+class RowConsumer(Protocol):
+    """Anything that accepts row gradients (e.g. :class:`mesimp_compress.optim.RowSparseAdam`)."""
+
+    def add_rows(self, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Accumulate ``values`` (one per entry of ``rows``) into the gradient of ``param``."""
+
+
+_CLAIMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def claim(param: torch.Tensor, consumer: RowConsumer) -> None:
+    """From now on row gradients of ``param`` go to ``consumer`` (while it lives)."""
+    _CLAIMS[param] = weakref.ref(consumer)
+
+
+def release(param: torch.Tensor) -> None:
+    """Row gradients of ``param`` go back to ``.grad``."""
+    _CLAIMS.pop(param, None)
+
+
+def consumer_of(param: torch.Tensor) -> RowConsumer | None:
+    """The live consumer that claimed ``param``, if any."""
+    ref = _CLAIMS.get(param)
+    return None if ref is None else ref()
+
+
+def deliver(param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+    """Give ``values`` for ``rows`` of ``param`` to its consumer and return None; without a
+    consumer, return the full-size gradient (zero outside ``rows``) for autograd."""
+    ref = _CLAIMS.get(param)
+    if ref is not None:
+        consumer = ref()
+        if consumer is not None:
+            consumer.add_rows(param, rows, values)
+            return None
+    grad = values.new_zeros(param.shape)
+    grad.index_copy_(0, rows, values)
+    return grad

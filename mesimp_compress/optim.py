@@ -1,0 +1,244 @@
+"""Row-sparse optimizer steps: only the rows that got a gradient move, at a cost that scales with k.
+
+A meProp layer gives these optimizers its weight gradient as ``(rows, values)`` (see
+:mod:`mesimp_compress.meprop.rowgrad`) instead of a full-size ``.grad`` that is zero outside
+k rows. Parameters with an ordinary ``.grad`` (biases by default, layers that are not
+wrapped, the output layer) get the ordinary dense update. Both dense and row gradients of
+one parameter are summed.
+
+How the row step differs from dense Adam / SGD with momentum (the "lazy" semantics):
+
+- At the first step, rows that got a gradient move exactly as under the dense optimizer,
+  and rows that got none stay put (dense Adam would not move them either: their moments
+  are zero).
+- Later, a row that gets no gradient in a step keeps its parameters *and* its moments
+  unchanged. Dense Adam would decay its moments (m *= beta1, v *= beta2) and still move it
+  by the decayed momentum; dense SGD would move it by ``momentum * buffer``. Here the
+  momentum of a row is only applied, and only decays, in steps where the row is selected.
+- Adam's bias correction uses the parameter's step count (steps in which any of its rows
+  got a gradient), as dense Adam does, not a per-row count.
+- Weight decay (L2, added to the gradient) applies to the updated rows only.
+
+State per parameter is param-shaped (``exp_avg``, ``exp_avg_sq`` / ``momentum_buffer``)
+plus a scalar ``step`` (a 0-dim tensor for Adam, as in torch.optim.Adam), so surgery can
+remap it like any dense optimizer state.
+
+Note: while one of these optimizers lives, the ``.grad`` of a wrapped layer's weight stays
+None (its gradient is pending as rows: see :meth:`RowSparseOptimizer.row_grad`); utilities
+that read ``.grad`` (e.g. gradient clipping) do not see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim.adam import adam
+
+from .errors import ConfigError
+from .meprop import rowgrad
+
+
+class RowSparseOptimizer(torch.optim.Optimizer):
+    """Base: claims its parameters' row gradients, collects them, and pairs them with .grad."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError(
+                f"{type(self).__name__} keeps row gradients out of .grad, so DDP would not "
+                "average them across ranks; use a dense optimizer under torch.distributed"
+            )
+        self._rows: dict[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
+        super().add_param_group(param_group)
+        for param in self.param_groups[-1]["params"]:
+            rowgrad.claim(param, self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # noqa: D105
+        super().__setstate__(state)
+        self._rows = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                rowgrad.claim(param, self)
+
+    def add_rows(self, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Accumulate a row gradient of ``param`` until the next step."""
+        self._rows.setdefault(param, []).append((rows, values))
+
+    def row_grad(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pending row gradient of ``param`` as (unique rows, summed values), if any."""
+        pending = self._rows.get(param)
+        if not pending:
+            return None
+        rows, values = _coalesce(pending)
+        self._rows[param] = [(rows, values)]
+        return rows, values
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
+        super().zero_grad(set_to_none)
+        self._rows.clear()
+
+    def release(self) -> None:
+        """Stop claiming row gradients: wrapped layers fill ``.grad`` again."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if rowgrad.consumer_of(param) is self:
+                    rowgrad.release(param)
+
+    def _gradients(self, group: dict[str, Any]):
+        """For each parameter of ``group`` with a gradient: (param, dense grad, rows, values).
+
+        A parameter with only a row gradient has ``grad`` None; one with both has the rows
+        folded into its dense ``grad`` and ``rows`` None. Pending rows are consumed.
+        """
+        for param in group["params"]:
+            pending = self._rows.pop(param, None)
+            grad = param.grad
+            if pending is None:
+                if grad is not None:
+                    yield param, grad, None, None
+                continue
+            rows, values = _coalesce(pending)
+            values = values.to(param.dtype)
+            if grad is None:
+                yield param, None, rows, values
+            else:
+                yield param, grad.index_add(0, rows, values.to(grad.dtype)), None, None
+
+    def _run(self, closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+
+class RowSparseAdam(RowSparseOptimizer):
+    """Adam whose step touches only the rows that got a gradient (lazy moments; see module doc).
+
+    All updates of a parameter group (whole tensors and gathered rows) run in one call of
+    torch's functional Adam, fused where the device and dtype allow.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        _check(lr >= 0.0, f"lr must be >= 0; got {lr!r}")
+        _check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+               f"betas must be two numbers in [0, 1); got {betas!r}")
+        _check(eps >= 0.0, f"eps must be >= 0; got {eps!r}")
+        _check(weight_decay >= 0.0, f"weight_decay must be >= 0; got {weight_decay!r}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                  "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update every parameter that got a gradient (rows or dense) since the last step."""
+        loss = self._run(closure)
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps, write_back = [], [], [], [], [], []
+            for param, grad, rows, values in self._gradients(group):
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param,
+                                                           memory_format=torch.preserve_format)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if rows is not None:
+                    full = (param, m, v)
+                    param, m, v = (t.index_select(0, rows) for t in full)
+                    grad = values
+                    write_back.append((rows, full, (param, m, v)))
+                params.append(param)
+                grads.append(grad)
+                exp_avgs.append(m)
+                exp_avg_sqs.append(v)
+                steps.append(state["step"])
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            adam(params, grads, exp_avgs, exp_avg_sqs, [], steps,
+                 fused=True if all(_fusable(p) for p in params) else None,
+                 amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            for rows, full, gathered in write_back:
+                for target, value in zip(full, gathered, strict=True):
+                    target.index_copy_(0, rows, value)
+        self._rows.clear()
+        return loss
+
+
+class RowSparseSGD(RowSparseOptimizer):
+    """SGD (optionally with momentum) whose step touches only the rows that got a gradient."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
+        _check(lr >= 0.0, f"lr must be >= 0; got {lr!r}")
+        _check(0.0 <= momentum < 1.0, f"momentum must be in [0, 1); got {momentum!r}")
+        _check(weight_decay >= 0.0, f"weight_decay must be >= 0; got {weight_decay!r}")
+        _check(not nesterov or momentum > 0, "nesterov needs momentum > 0")
+        super().__init__(params, {"lr": lr, "momentum": momentum,
+                                  "weight_decay": weight_decay, "nesterov": bool(nesterov)})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update every parameter that got a gradient (rows or dense) since the last step."""
+        loss = self._run(closure)
+        for group in self.param_groups:
+            for param, grad, rows, values in self._gradients(group):
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    if group["momentum"]:
+                        state["momentum_buffer"] = torch.zeros_like(
+                            param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                buf = state.get("momentum_buffer")
+                if rows is None:
+                    _sgd(param, grad, buf, group)
+                    continue
+                p_rows = param.index_select(0, rows)
+                buf_rows = None if buf is None else buf.index_select(0, rows)
+                _sgd(p_rows, values, buf_rows, group)
+                param.index_copy_(0, rows, p_rows)
+                if buf is not None:
+                    buf.index_copy_(0, rows, buf_rows)
+        self._rows.clear()
+        return loss
+
+
+def _sgd(p, grad, buf, group):
+    if group["weight_decay"]:
+        grad = grad.add(p, alpha=group["weight_decay"])
+    if buf is not None:
+        buf.mul_(group["momentum"]).add_(grad)
+        grad = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+    p.add_(grad, alpha=-group["lr"])
+
+
+def _coalesce(
+    pending: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(pending) == 1:
+        return pending[0]
+    rows = torch.cat([r for r, _ in pending])
+    values = torch.cat([v for _, v in pending])
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    summed = values.new_zeros((unique.shape[0], *values.shape[1:]))
+    summed.index_add_(0, inverse, values)
+    return unique, summed
+
+
+def _fusable(tensor: torch.Tensor) -> bool:
+    return tensor.device.type in ("cpu", "cuda") and tensor.dtype in (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

@@ -1,0 +1,216 @@
+"""RowSparseAdam / RowSparseSGD: rows with a gradient step like dense, the others stay put."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mesimp_compress.errors import ConfigError
+from mesimp_compress.meprop import apply_meprop
+from mesimp_compress.optim import RowSparseAdam, RowSparseSGD
+
+torch.set_num_threads(1)
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(),
+                         nn.Linear(10, 3))
+
+
+def _backward(model: nn.Module, seed: int) -> None:
+    torch.manual_seed(100 + seed)
+    x, w = torch.randn(4, 5), torch.randn(4, 3)
+    (model(x) * w).sum().backward()
+
+
+def _pair(make_sparse, make_dense, seed=0):
+    """A meProp model with a row-sparse optimizer and a twin with a dense one."""
+    sparse, dense = _mlp(seed), _mlp(seed)
+    apply_meprop(sparse, 3)
+    apply_meprop(dense, 3)
+    return sparse, make_sparse(sparse.parameters()), dense, make_dense(dense.parameters())
+
+
+OPTIMIZERS = {
+    "adam": (lambda p: RowSparseAdam(p, lr=0.05), lambda p: torch.optim.Adam(p, lr=0.05)),
+    "sgd_momentum": (lambda p: RowSparseSGD(p, lr=0.1, momentum=0.9),
+                     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+    "sgd_nesterov_wd": (lambda p: RowSparseSGD(p, lr=0.1, momentum=0.5, nesterov=True,
+                                               weight_decay=0.01),
+                        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, nesterov=True,
+                                                  weight_decay=0.01)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_first_step_equals_dense_on_rows_with_gradient_and_others_stay(name):
+    sparse, opt_s, dense, opt_d = _pair(*OPTIMIZERS[name])
+    before = [p.detach().clone() for p in sparse.parameters()]
+    _backward(sparse, 0)
+    _backward(dense, 0)
+    assert sparse[0].weight.grad is None  # pending as rows, no full-size zero gradient
+    rows, values = opt_s.row_grad(sparse[0].weight)
+    assert rows.shape == (3,) and values.shape == (3, 5)
+    torch.testing.assert_close(values, dense[0].weight.grad[rows], atol=1e-6, rtol=0)
+    rows_of = {0: opt_s.row_grad(sparse[0].weight)[0], 2: opt_s.row_grad(sparse[2].weight)[0]}
+    opt_s.step()
+    opt_d.step()
+    pairs = zip(sparse.named_parameters(), dense.parameters(), before, strict=True)
+    for (name, a), b, old in pairs:
+        layer = int(name.split(".")[0])
+        if name.endswith("weight") and layer in rows_of:
+            rows_here = rows_of[layer]
+            # rows with a gradient: as the dense optimizer; the others: not moved at all
+            torch.testing.assert_close(a[rows_here], b[rows_here], atol=1e-6, rtol=0)
+            others = [r for r in range(a.shape[0]) if r not in set(rows_here.tolist())]
+            assert torch.equal(a[others], old[others])
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    moved = (sparse[0].weight != before[0]).any(1)
+    assert int(moved.sum()) == 3
+    assert torch.equal(moved.nonzero().squeeze(1).sort().values, rows.sort().values)
+
+
+def test_adam_later_steps_are_lazy():
+    sparse, opt, _, _ = _pair(*OPTIMIZERS["adam"])
+    weight = sparse[2].weight
+    _backward(sparse, 0)
+    rows0, g0 = opt.row_grad(weight)
+    opt.step()
+    opt.zero_grad()
+    after_first = weight.detach().clone()
+    m_first = opt.state[weight]["exp_avg"].clone()
+    _backward(sparse, 1)
+    rows1, g1 = opt.row_grad(weight)
+    opt.step()
+    untouched = [r for r in range(10) if r not in set(rows1.tolist())]
+    # rows without a gradient in step 2 keep their weights and moments
+    assert torch.equal(weight[untouched], after_first[untouched])
+    assert torch.equal(opt.state[weight]["exp_avg"][untouched], m_first[untouched])
+    # rows with a gradient follow Adam with the parameter's step count (2)
+    b1, b2, lr, eps = 0.9, 0.999, 0.05, 1e-8
+    for j, r in enumerate(rows1.tolist()):
+        hit0 = (rows0 == r).nonzero()
+        g_prev = g0[hit0.item()] if hit0.numel() else torch.zeros(12)
+        m = (1 - b1) * g_prev * b1 + (1 - b1) * g1[j]
+        v = (1 - b2) * g_prev**2 * b2 + (1 - b2) * g1[j] ** 2
+        step = lr / (1 - b1**2) * m / (v.sqrt() / math.sqrt(1 - b2**2) + eps)
+        torch.testing.assert_close(weight[r], after_first[r] - step, atol=1e-6, rtol=0)
+
+
+def test_sgd_momentum_later_steps_are_lazy():
+    sparse, opt, _, _ = _pair(*OPTIMIZERS["sgd_momentum"])
+    weight = sparse[0].weight
+    _backward(sparse, 0)
+    rows0, g0 = opt.row_grad(weight)
+    opt.step()
+    opt.zero_grad()
+    after_first = weight.detach().clone()
+    _backward(sparse, 1)
+    rows1, g1 = opt.row_grad(weight)
+    opt.step()
+    for r in range(12):
+        hit0 = (rows0 == r).nonzero()
+        hit1 = (rows1 == r).nonzero()
+        buf = g0[hit0.item()] if hit0.numel() else torch.zeros(5)
+        if hit1.numel():
+            expected = after_first[r] - 0.1 * (0.9 * buf + g1[hit1.item()])
+        else:
+            expected = after_first[r]  # dense SGD would move it by 0.1 * 0.9 * buf
+        torch.testing.assert_close(weight[r], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_dense_gradients_follow_the_dense_optimizer_over_steps(name):
+    make_sparse, make_dense = OPTIMIZERS[name]
+    plain, twin = _mlp(), _mlp()  # no meProp: every gradient is dense
+    opt_s, opt_d = make_sparse(plain.parameters()), make_dense(twin.parameters())
+    for step in range(4):
+        for model, opt in ((plain, opt_s), (twin, opt_d)):
+            opt.zero_grad()
+            _backward(model, step)
+            opt.step()
+    for a, b in zip(plain.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_accumulated_backwards_are_summed():
+    sparse, opt, dense, _ = _pair(*OPTIMIZERS["adam"])
+    for seed in (0, 1):
+        _backward(sparse, seed)
+        _backward(dense, seed)
+    rows, values = opt.row_grad(sparse[0].weight)
+    assert rows.tolist() == sorted(set(rows.tolist()))
+    full = torch.zeros(12, 5).index_add_(0, rows, values)
+    torch.testing.assert_close(full, dense[0].weight.grad, atol=1e-6, rtol=0)
+
+
+def test_zero_grad_drops_pending_rows():
+    sparse, opt, _, _ = _pair(*OPTIMIZERS["sgd_momentum"])
+    before = sparse[0].weight.detach().clone()
+    _backward(sparse, 0)
+    opt.zero_grad()
+    assert opt.row_grad(sparse[0].weight) is None
+    opt.step()
+    assert torch.equal(sparse[0].weight, before)
+
+
+def test_grad_returns_when_the_optimizer_is_gone_or_released():
+    sparse, opt, dense, _ = _pair(*OPTIMIZERS["adam"])
+    opt.release()
+    _backward(sparse, 0)
+    _backward(dense, 0)
+    assert torch.equal(sparse[0].weight.grad, dense[0].weight.grad)
+    opt = RowSparseAdam(sparse.parameters())
+    sparse.zero_grad()
+    del opt
+    gc.collect()
+    _backward(sparse, 0)
+    assert torch.equal(sparse[0].weight.grad, dense[0].weight.grad)
+
+
+def test_dense_and_row_gradients_of_one_parameter_are_summed():
+    torch.manual_seed(3)
+    layer = nn.Linear(4, 6)
+    apply_meprop(nn.Sequential(layer, nn.Linear(6, 2)), 2)
+    twin = copy.deepcopy(layer)
+    opt = RowSparseSGD([layer.weight], lr=1.0)
+    ref = torch.optim.SGD([twin.weight], lr=1.0)
+    x = torch.randn(3, 4)
+    for mod, o in ((layer, opt), (twin, ref)):
+        (mod(x).pow(2).sum() + mod.weight.pow(2).sum()).backward()  # weight also used densely
+        o.step()
+    torch.testing.assert_close(layer.weight, twin.weight, atol=1e-6, rtol=0)
+
+
+def test_state_is_param_shaped_and_round_trips():
+    sparse, opt, _, _ = _pair(*OPTIMIZERS["adam"])
+    _backward(sparse, 0)
+    opt.step()
+    for param in sparse.parameters():
+        state = opt.state[param]
+        assert state["exp_avg"].shape == param.shape == state["exp_avg_sq"].shape
+        assert state["step"].dim() == 0
+    other = RowSparseAdam(sparse.parameters(), lr=0.05)
+    other.load_state_dict(opt.state_dict())
+    for param in sparse.parameters():
+        assert torch.equal(other.state[param]["exp_avg"], opt.state[param]["exp_avg"])
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: RowSparseAdam(p, lr=-1.0),
+    lambda p: RowSparseAdam(p, betas=(0.9, 1.0)),
+    lambda p: RowSparseAdam(p, eps=-1e-8),
+    lambda p: RowSparseSGD(p, momentum=1.5),
+    lambda p: RowSparseSGD(p, nesterov=True),
+    lambda p: RowSparseSGD(p, weight_decay=-0.1),
+])
+def test_bad_hyperparameters(make):
+    with pytest.raises(ConfigError):
+        make(nn.Linear(2, 2).parameters())
