@@ -1,0 +1,181 @@
+"""How units enter, leave and pass through the layer modules the tracer treats as atomic.
+
+Linear and Conv2d layers produce units (their output features / channels) and consume them
+(their input features / channels); BatchNorm passes units through, one feature per unit;
+nn.LSTM consumes input features and produces hidden units, one group per layer and direction.
+Each module kind is one small rule class; a new kind is one class and one registry line.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
+
+from .labels import AxisLabel, ProbeLabel
+from .structure import ROLE_FEATURES, ROLE_IN
+
+if TYPE_CHECKING:
+    from .trace import Tracer
+
+
+def _first_input(args: tuple, kwargs: dict, key: str = "input") -> Any:
+    return args[0] if args else kwargs.get(key)
+
+
+def _odd_parameters(module: nn.Module, expected: set[str]) -> str | None:
+    if parametrize.is_parametrized(module):
+        return "its weights are parametrized (weight_norm, spectral_norm, ...)"
+    extra = sorted(set(module._parameters) - expected)
+    if extra:
+        return f"it has unexpected parameters {extra} (e.g. an old-style weight_norm)"
+    return None
+
+
+class ModuleRule:
+    """Unit flow through one kind of atomic module."""
+
+    kind: str = ""
+
+    def producer_problem(self, module: nn.Module) -> str | None:
+        """Why this module's own units cannot be pruned (None if they can)."""
+        return None
+
+    def before(
+        self, tracer: Tracer, name: str, module: nn.Module, args: tuple, kwargs: dict
+    ) -> None:
+        """Record the module as a consumer of labelled inputs."""
+
+    def after(
+        self, tracer: Tracer, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> None:
+        """Label the module's outputs."""
+
+
+class LinearRule(ModuleRule):
+    kind = "Linear"
+
+    def producer_problem(self, module: nn.Module) -> str | None:
+        return _odd_parameters(module, {"weight", "bias"})
+
+    def before(self, tracer, name, module, args, kwargs):
+        x = _first_input(args, kwargs)
+        if isinstance(x, torch.Tensor):
+            tracer.consume(
+                name, self.kind, ROLE_IN, module.in_features, "in_features", x, x.dim() - 1
+            )
+
+    def after(self, tracer, name, module, args, kwargs, output):
+        if isinstance(output, torch.Tensor):
+            tracer.produce(name, self, module.out_features, output, output.dim() - 1, module)
+
+
+class Conv2dRule(ModuleRule):
+    kind = "Conv2d"
+
+    def producer_problem(self, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}) is not supported"
+        return _odd_parameters(module, {"weight", "bias"})
+
+    def before(self, tracer, name, module, args, kwargs):
+        x = _first_input(args, kwargs)
+        if not isinstance(x, torch.Tensor):
+            return
+        if module.groups != 1:
+            tracer.block_tensors([x], f"consumed by grouped convolution '{name}'")
+            return
+        axis = 1 if x.dim() == 4 else 0
+        tracer.consume(name, self.kind, ROLE_IN, module.in_channels, "in_channels", x, axis)
+
+    def after(self, tracer, name, module, args, kwargs, output):
+        if isinstance(output, torch.Tensor):
+            axis = 1 if output.dim() == 4 else 0
+            tracer.produce(name, self, module.out_channels, output, axis, module)
+
+
+class BatchNormRule(ModuleRule):
+    """BatchNorm1d/2d: one feature per unit, passed through."""
+
+    def before(self, tracer, name, module, args, kwargs):
+        x = _first_input(args, kwargs)
+        if not isinstance(x, torch.Tensor):
+            return
+        problem = _odd_parameters(module, {"weight", "bias"})
+        if problem:
+            tracer.block_tensors([x], f"passes through BatchNorm '{name}' and {problem}")
+            return
+        kind = type_name(module)
+        tracer.consume(name, kind, ROLE_FEATURES, module.num_features, "num_features", x, 1)
+
+    def after(self, tracer, name, module, args, kwargs, output):
+        x = _first_input(args, kwargs)
+        label = tracer.label(x) if isinstance(x, torch.Tensor) else None
+        if isinstance(label, AxisLabel) and label.axis == 1 and isinstance(output, torch.Tensor):
+            if tracer.is_recorded(name, ROLE_FEATURES, label):
+                tracer.set_label(output, label)
+
+
+class LSTMRule(ModuleRule):
+    kind = "LSTM"
+
+    def producer_problem(self, module: nn.Module) -> str | None:
+        if module.proj_size > 0:
+            return "nn.LSTM with proj_size > 0 is not supported"
+        return _odd_parameters(module, set(module._flat_weights_names))
+
+    def before(self, tracer, name, module, args, kwargs):
+        x = _first_input(args, kwargs)
+        data = x.data if isinstance(x, PackedSequence) else x
+        if isinstance(data, torch.Tensor):
+            axis = data.dim() - 1
+            tracer.consume(name, self.kind, ROLE_IN, module.input_size, "input_size", data, axis)
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        if hx is not None:
+            tracer.explicit_state(name, hx)
+
+    def after(self, tracer, name, module, args, kwargs, output):
+        codes = tracer.produce_lstm(name, module)
+        if codes is None:
+            return
+        out, state = output
+        data = out.data if isinstance(out, PackedSequence) else out
+        layers, dirs = module.num_layers, 2 if module.bidirectional else 1
+        last = torch.cat([codes[(layers - 1, d)] for d in range(dirs)])
+        tracer.set_label(data, AxisLabel(data.dim() - 1, last))
+        for h in state:
+            probe = torch.zeros(h.shape, dtype=torch.int64)
+            for k in range(layers * dirs):
+                probe[k] = codes[(k // dirs, k % dirs)]
+            tracer.set_label(h, ProbeLabel(probe))
+
+
+_RULES: list[tuple[type[nn.Module], ModuleRule]] = [
+    (nn.Linear, LinearRule()),
+    (nn.Conv2d, Conv2dRule()),
+    (nn.BatchNorm1d, BatchNormRule()),
+    (nn.BatchNorm2d, BatchNormRule()),
+    (nn.LSTM, LSTMRule()),
+]
+PRODUCER_KINDS = (nn.Linear, nn.Conv2d, nn.LSTM)
+# Layers with units of their own that this toolkit does not prune (reported, not traced into).
+UNSUPPORTED_KINDS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.GRU, nn.RNN)
+
+
+def rule_for(module: nn.Module) -> ModuleRule | None:
+    """The atomic-module rule for ``module`` (subclasses included), or None."""
+    for kind, rule in _RULES:
+        if isinstance(module, kind):
+            return rule
+    return None
+
+
+def type_name(module: nn.Module) -> str:
+    """The base layer kind of ``module`` (``"Linear"`` for any nn.Linear subclass, ...)."""
+    for kind in (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LSTM):
+        if isinstance(module, kind):
+            return kind.__name__
+    return type(module).__name__

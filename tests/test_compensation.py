@@ -1,0 +1,135 @@
+"""Compensation: removed inputs' mean contribution folded into the consumer's bias."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_surgery_zoo import CASE_IDS, CASES
+from torch import nn
+
+from mesimp_compress.errors import ConfigError
+from mesimp_compress.graph import find_groups
+from mesimp_compress.plan import make_plan
+from mesimp_compress.surgery import ActivationMeans, apply_plan
+
+torch.set_num_threads(1)
+
+
+def test_means_per_feature_per_channel_and_for_lstm_inputs() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"fc": nn.Linear(3, 2), "conv": nn.Conv2d(4, 2, 3), "lstm": nn.LSTM(3, 2)}
+    )
+    xs = [torch.randn(2, 5, 3) for _ in range(2)]
+    images = [torch.randn(2, 4, 5, 5) + torch.arange(4.0).view(1, 4, 1, 1) for _ in range(2)]
+    with ActivationMeans(model) as means:
+        for x, image in zip(xs, images, strict=True):
+            model["fc"](x)
+            model["conv"](image)
+            model["lstm"](x)
+    assert set(means) == {"fc", "conv", "lstm"}
+    expected = torch.cat(xs).reshape(-1, 3).mean(0)
+    assert torch.allclose(means["fc"], expected, atol=1e-6)
+    assert torch.allclose(means["lstm"], expected, atol=1e-6)
+    assert torch.allclose(means["conv"], torch.cat(images).mean((0, 2, 3)), atol=1e-6)
+    model["fc"](torch.randn(4, 3))  # hooks removed: nothing changes
+    assert torch.allclose(means["fc"], expected, atol=1e-6)
+
+
+def test_a_width_change_starts_a_fresh_mean_and_reset_forgets() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    means = ActivationMeans(model)
+    model(torch.ones(2, 3))
+    model[0].weight.data = torch.zeros(2, 2)
+    model[0].in_features = 2
+    model(torch.full((2, 2), 3.0))
+    assert torch.equal(means["0"], torch.full((2,), 3.0))
+    means.reset()
+    assert len(means) == 0 and "0" not in means
+    means.close()
+    with pytest.raises(ConfigError, match="expected Linear"):
+        ActivationMeans(nn.Sequential(nn.ReLU()), names=["0"])
+    with pytest.raises(ConfigError, match="no module named"):
+        ActivationMeans(model, names=["x"])
+
+
+def test_constant_removed_units_are_compensated_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[0].weight[[1, 4]] = 0.0  # units 1 and 4 output relu(bias): a constant
+        model[0].bias[[1, 4]] = torch.tensor([0.7, 1.3])
+    x = torch.randn(8, 4)
+    with ActivationMeans(model) as means:
+        expected = model(x)
+    structure = find_groups(model, x)
+    report = apply_plan(model, make_plan(structure, {"0": [0, 2, 3, 5]}), compensation=means)
+    assert report.compensated == ["2"]
+    assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+def _error(model: nn.Module, reference: nn.Module, data: list) -> float:
+    with torch.no_grad():
+        return sum(F.mse_loss(model(*x), reference(*x)).item() for x in data) / len(data)
+
+
+@pytest.mark.parametrize("case_name", ["sequential", "custom_mlp", "convnet", "tagger"])
+def test_compensation_lowers_the_error_of_an_unfinetuned_pruned_model(case_name: str) -> None:
+    case = CASES[CASE_IDS.index(case_name)]
+    reference = case.build()
+    torch.manual_seed(3)
+    shift = 0.5  # inputs with a non-zero mean, as real data has
+    window = [
+        (case.inputs() + shift,) if case_name != "tagger" else (case.inputs(),) for _ in range(8)
+    ]
+    held_out = [
+        (case.inputs() + shift,) if case_name != "tagger" else (case.inputs(),) for _ in range(8)
+    ]
+    plain = case.build()
+    compensated = case.build()
+    structure = find_groups(plain, window[0])
+    plan = make_plan(
+        structure, {k: list(range(0, g.width, 2)) for k, g in structure.groups.items()}
+    )
+    with ActivationMeans(compensated) as means, torch.no_grad():
+        for x in window:
+            compensated(*x)
+    apply_plan(plain, plan)
+    report = apply_plan(compensated, plan, compensation=means)
+    assert report.compensated
+    before, after = _error(plain, reference, held_out), _error(compensated, reference, held_out)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_notes_where_compensation_is_not_possible() -> None:
+    model = nn.Sequential(
+        nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)
+    )
+    x = torch.randn(2, 3)
+    structure = find_groups(model, x)
+    plan = make_plan(structure, {"0": [0, 1], "2": [1, 2]})
+    means = {"2": torch.ones(5), "4": torch.ones(4)}
+    report = apply_plan(copy.deepcopy(model), plan, compensation=means)
+    assert any("'2' is not compensated: it has no bias" in n for n in report.notes)
+    assert report.compensated == ["4"]
+    report = apply_plan(copy.deepcopy(model), plan, compensation={})
+    assert sum("no activation means" in n for n in report.notes) == 2
+    with pytest.raises(ConfigError, match="have 3 features"):
+        apply_plan(model, plan, compensation={"4": torch.ones(3)})
+    assert model[0].out_features == 5
+
+
+def test_lstm_hidden_units_are_noted_not_compensated() -> None:
+    case = CASES[CASE_IDS.index("tagger")]
+    model = case.build()
+    structure = find_groups(model, case.example())
+    keys = structure.tied_sets()[0]
+    plan = make_plan(structure, {k: [0, 3, 5] for k in keys} | {"proj": [1, 2, 4]})
+    with ActivationMeans(model) as means:
+        model(case.example())
+    report = apply_plan(model, plan, compensation=means)
+    assert sorted(report.compensated) == ["lstm", "out"]
+    assert any("'lstm' hidden units" in n for n in report.notes)

@@ -1,0 +1,329 @@
+"""Structure analysis: the groups found, their member positions, and why layers are left alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_surgery_zoo import CASE_IDS, CASES, Case
+from torch import nn
+
+from mesimp_compress.errors import DataError
+from mesimp_compress.graph import Structure, find_groups
+
+torch.set_num_threads(1)
+
+
+def groups_of(case: Case, **kwargs) -> Structure:
+    return find_groups(case.build(), case.example(), allow_residual=case.allow_residual, **kwargs)
+
+
+def case(name: str) -> Case:
+    return CASES[CASE_IDS.index(name)]
+
+
+def members(structure: Structure, key: str) -> dict[tuple[str, str], tuple]:
+    return {(m.module, m.role): m for m in structure.groups[key].members}
+
+
+@pytest.mark.parametrize("entry", CASES, ids=CASE_IDS)
+def test_every_zoo_structure_yields_its_prunable_keys(entry: Case) -> None:
+    structure = groups_of(entry)
+    assert tuple(structure.groups) == entry.keys
+    for key in entry.keys:
+        group = structure.groups[key]
+        assert group.width >= 2
+        for member in group.members:
+            assert len(member.positions) == group.width
+            flat = [p for unit in member.positions for p in unit]
+            assert len(flat) == len(set(flat)) and all(0 <= p < member.size for p in flat)
+
+
+def test_linear_chain_members_and_output_layer() -> None:
+    structure = groups_of(case("sequential"))
+    m = members(structure, "0")
+    assert set(m) == {("0", "out"), ("2", "in")}
+    assert m[("2", "in")].positions == tuple((u,) for u in range(9))
+    assert m[("2", "in")].attr == "in_features" and m[("0", "out")].attr == "out_features"
+    assert "model output" in structure.reason("4")
+
+
+def test_conv_bn_conv_and_flatten_blocks() -> None:
+    structure = groups_of(case("convnet"))
+    conv1 = members(structure, "conv1")
+    assert set(conv1) == {("conv1", "out"), ("bn1", "features"), ("conv2", "in")}
+    assert conv1[("bn1", "features")].attr == "num_features"
+    # conv2 -> relu -> 2x2 max-pool over 4x4 -> flatten: channel c is features 4c..4c+3 of fc
+    fc_in = members(structure, "conv2")[("fc", "in")]
+    assert fc_in.size == 20
+    assert fc_in.positions == tuple(tuple(range(4 * c, 4 * c + 4)) for c in range(5))
+
+
+def test_concat_maps_each_branch_to_its_offset() -> None:
+    structure = groups_of(case("branches"))
+    assert members(structure, "a")[("head", "in")].positions == tuple((u,) for u in range(5))
+    assert members(structure, "b")[("head", "in")].positions == tuple((9 + u,) for u in range(6))
+
+
+def test_residual_stream_is_left_alone_with_a_reason() -> None:
+    structure = find_groups(case("residual").build(), case("residual").example())
+    assert set(structure.groups) == {"block1"}
+    for key, other in (("stem", "block2"), ("block2", "stem")):
+        reason = structure.reason(key)
+        assert "residual stream" in reason and other in reason
+
+
+def test_allow_residual_merges_every_writer_of_the_stream() -> None:
+    structure = groups_of(case("residual"))
+    stream = structure.groups["stem"]
+    assert stream.writers == ("stem", "block2")
+    assert set(members(structure, "stem")) == {
+        ("stem", "out"),
+        ("block2", "out"),
+        ("block1", "in"),
+        ("head", "in"),
+    }
+
+
+def test_lstm_groups_gates_tied_and_bidirectional_halves() -> None:
+    structure = groups_of(case("tagger"))
+    keys = ("lstm.l0", "lstm.l0_reverse", "lstm.l1", "lstm.l1_reverse")
+    for key in keys:
+        assert structure.groups[key].tied == keys
+        assert structure.groups[key].width == 7
+    assert structure.tied_sets() == [keys]
+    assert members(structure, "lstm.l0") == {
+        ("lstm", "hidden:l0"): structure.groups["lstm.l0"].members[0]
+    }
+    # the last layer's halves: forward units are features 0..6 of `out`, reverse 7..13
+    assert members(structure, "lstm.l1")[("out", "in")].positions == tuple((u,) for u in range(7))
+    rev = members(structure, "lstm.l1_reverse")[("out", "in")].positions
+    assert rev == tuple((7 + u,) for u in range(7))
+    assert members(structure, "proj")[("lstm", "in")].attr == "input_size"
+
+
+def test_lstm_final_states_are_followed_through_indexing() -> None:
+    structure = groups_of(case("last_state"))
+    fwd = members(structure, "lstm.l1")[("fc", "in")].positions
+    rev = members(structure, "lstm.l1_reverse")[("fc", "in")].positions
+    assert fwd == tuple((u,) for u in range(6)) and rev == tuple((6 + u,) for u in range(6))
+    assert ("fc", "in") not in members(structure, "lstm.l0")
+
+
+def test_transformer_encoder_layer_ffn_only() -> None:
+    structure = groups_of(case("transformer"))
+    assert set(members(structure, "layer.linear1")) == {
+        ("layer.linear1", "out"),
+        ("layer.linear2", "in"),
+    }
+    assert "no prunable layer produces" in structure.reason("layer.linear2")
+    assert "MultiheadAttention" in structure.reason("layer.self_attn.out_proj")
+
+
+def test_bert_ffn_only_and_attention_reported() -> None:
+    structure = groups_of(case("bert"))
+    ffn = members(structure, "encoder.layer.1.intermediate.dense")
+    assert set(ffn) == {
+        ("encoder.layer.1.intermediate.dense", "out"),
+        ("encoder.layer.1.output.dense", "in"),
+    }
+    assert "attention" in structure.reason("encoder.layer.0.attention.self.query")
+    assert structure.reason("encoder.layer.0.output.dense") is not None
+    assert "model output" in structure.reason("pooler.dense")
+
+
+class SharedUse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 6)
+        self.c = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(self.a(F.relu(self.a(x))))))
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 5)
+        self.c = nn.Linear(5, 5)
+        self.c.weight = self.b.weight  # tied
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(F.relu(self.c(F.relu(self.b(F.relu(self.a(x)))))))
+
+
+def test_shared_linear_is_not_pruned() -> None:
+    structure = find_groups(SharedUse(), torch.randn(2, 4))
+    assert "called 2 times" in structure.reason("a")
+    assert set(structure.groups) == {"b"}
+
+
+def test_tied_parameters_are_not_pruned_nor_what_they_read() -> None:
+    structure = find_groups(Tied(), torch.randn(2, 4))
+    assert "tied to 'c.weight'" in structure.reason("b")
+    assert "tied to 'b.weight'" in structure.reason("c")
+    assert "read by 'b'" in structure.reason("a")  # a's units feed a tied layer
+    assert structure.groups == {}
+
+
+class Opaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.mix = nn.Parameter(torch.randn(6, 6))
+        self.norm_src = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.heads = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        a = F.relu(self.fc(x)) @ self.mix
+        b = self.norm(self.norm_src(x))
+        c = self.heads(x).view(-1, 2, 3).softmax(-1).reshape(-1, 6)
+        return self.out(a + b + c)
+
+
+def test_unknown_ops_leave_units_alone_and_name_the_op() -> None:
+    structure = find_groups(Opaque(), torch.randn(3, 4))
+    assert "'matmul'" in structure.reason("fc")
+    assert "normalises across the units" in structure.reason("norm_src")
+    assert "'softmax'" in structure.reason("heads")
+    assert structure.groups == {}
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(4, 6)
+        self.gru = nn.GRU(6, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h, _ = self.gru(torch.relu(self.up(x)))
+        return self.out(h)
+
+
+def test_unsupported_layer_kinds_are_reported() -> None:
+    structure = find_groups(Gated(), torch.randn(3, 2, 4))
+    assert "GRU is not supported" in structure.reason("gru")
+    assert "op 'gru' is not understood" in structure.reason("up")
+    assert structure.groups == {}
+
+
+class ExplicitState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4)
+        self.fc = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h0 = torch.zeros(1, x.shape[1], 4)
+        y, _ = self.lstm(x, (h0, h0))
+        return self.out(torch.relu(self.fc(y)))
+
+
+def test_lstm_with_explicit_initial_state_is_left_alone() -> None:
+    structure = find_groups(ExplicitState(), torch.randn(5, 2, 3))
+    assert "explicit initial state" in structure.reason("lstm.l0")
+    assert set(structure.groups) == {"fc"}
+
+
+class Wrapped(nn.Linear):
+    """Stands in for a meProp wrapper: a subclass sharing nn.Linear's parameters."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_subclassed_layers_and_exclusion() -> None:
+    model = nn.Sequential(Wrapped(4, 6), nn.ReLU(), Wrapped(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    structure = find_groups(model, torch.randn(2, 4), exclude=["2"])
+    assert set(structure.groups) == {"0"} and structure.groups["0"].kind == "Linear"
+    assert structure.reason("2") == "excluded by name"
+
+
+def test_tracing_restores_modes_and_statistics() -> None:
+    model = case("convnet").build().train()
+    before = model.bn1.running_mean.clone()
+    find_groups(model, case("convnet").example())
+    assert model.training and model.bn1.training
+    assert torch.equal(model.bn1.running_mean, before)
+
+
+def test_a_failing_forward_raises_data_error_naming_the_module() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(7, 2))
+    with pytest.raises(DataError, match="'2'"):
+        find_groups(model, torch.randn(2, 4))
+
+
+class ChannelsLast(nn.Module):
+    """Permute to channels-last, a per-position MLP over channels, pad, global pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 5, 3)
+        self.mix = nn.Linear(5, 6)
+        self.conv2 = nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 3)
+        self.out = nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).permute(0, 2, 3, 1)
+        h = F.relu(self.mix(h)).transpose(1, 3).transpose(2, 3)
+        h = F.pad(torch.relu(self.conv2(h)), (1, 1, 1, 1))
+        h = F.relu(self.fc(h.mean(dim=(2, 3))))
+        return self.out(h[:, 1:])  # fc unit 0 is never read
+
+
+class Refused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.glu = nn.Linear(3, 8)
+        self.batch = nn.Linear(3, 3)
+        self.mixer = nn.Linear(3, 3)
+        self.padded = nn.Linear(3, 4)
+        self.reader = nn.Linear(4, 6)
+        self.out = nn.Linear(4 + 3 + 6, 2)
+
+    def forward(self, x):
+        a, b = self.glu(x).chunk(2, dim=-1)
+        gated = a * torch.sigmoid(b)  # units i and i+4 of one layer meet
+        stacked = self.mixer(torch.cat([self.batch(x), x], dim=0))  # x rows read batch's columns
+        stacked = stacked[: x.shape[0]] + stacked[x.shape[0] :]
+        # a row of ones read through the units' columns
+        padded = self.reader(F.pad(self.padded(x), (0, 0, 1, 0), value=1.0))[1:]
+        return self.out(torch.cat([gated, stacked, padded], dim=-1))
+
+
+def test_permute_pad_pooling_and_slicing_are_followed_exactly() -> None:
+    from mesimp_compress.plan import make_plan
+    from mesimp_compress.surgery import apply_plan, zero_removed
+
+    torch.manual_seed(0)
+    model = ChannelsLast().eval()
+    x = torch.randn(2, 2, 5, 5)
+    structure = find_groups(model, x)
+    assert set(structure.groups) == {"conv", "mix", "conv2", "fc"}
+    assert members(structure, "fc")[("out", "in")].positions == ((), (0,), (1,))
+    plan = make_plan(structure, {"conv": [0, 3], "mix": [1, 2, 5], "conv2": [0, 2], "fc": [0, 2]})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    with torch.no_grad():
+        assert torch.allclose(model(x), masked(x), atol=1e-6)
+    assert model.out.in_features == 1
+
+
+def test_couplings_that_cannot_be_rebuilt_are_refused() -> None:
+    structure = find_groups(Refused(), torch.randn(2, 3))
+    assert "combined with each other" in structure.reason("glu")
+    assert "not its in_features" in structure.reason("batch")
+    assert "not its in_features" in structure.reason("padded")
+    assert set(structure.groups) == {"mixer", "reader"}
