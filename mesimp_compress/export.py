@@ -1,0 +1,413 @@
+"""ONNX export with dynamic batch (and sequence) axes, the ONNX checker, and the size check.
+
+:func:`export_onnx` writes one self-contained ``.onnx`` file (no external data) with
+``torch.onnx.export(dynamo=True)``; if that exporter fails it falls back to the TorchScript
+exporter (``dynamo=False``) and says so in :attr:`ExportResult.fallback_reason`. When both
+fail, :class:`ExportError` names the innermost module whose own export fails. The exporters'
+progress output, warnings and log records never reach the user's screen.
+
+Inputs are a tuple of tensors with dynamic axes per input (see :mod:`.inputs`): by default
+the batch everywhere and the sequence of 2-D integer inputs.
+
+:func:`check_shrunk` proves that a compressed file really is smaller: see :mod:`.sizes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .errors import ConfigError, ExportError, ShapeError
+from .events import EventSink, emit
+from .inputs import (
+    BATCH,
+    SEQ,
+    Axes,
+    as_inputs,
+    default_dynamic_axes,
+    input_names_of,
+    on_device_of,
+    resize_inputs,
+)
+from .sizes import LayerSize, check_shrunk, onnx_layer_sizes
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+@dataclass
+class ExportResult:
+    """What one export wrote: the file, which exporter made it, its inputs and outputs.
+
+    ``input_names`` has one name per example input, in order; the graph lacks the inputs
+    the model ignores, and ``dynamic_axes`` lists only those it has.
+    """
+
+    path: Path
+    exporter: str
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    initializers: int
+    initializer_elements: int
+    file_bytes: int
+    fallback_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (the path as a string)."""
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+# ---------------------------------------------------------------------- export
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    exporter: str = "auto",
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Sequence[Axes] | None = None,
+    external_data: bool = False,
+    sink: EventSink | None = None,
+) -> ExportResult:
+    """Export ``model`` to one ONNX file at ``path`` with dynamic axes and check it fully.
+
+    ``exporter`` is ``"auto"`` (dynamo, falling back to TorchScript), ``"dynamo"`` or
+    ``"torchscript"``. ``external_data`` stores the weights beside the file (dynamo only; for
+    models past protobuf's 2 GB). The file appears only once it passed ``onnx.checker``
+    (full check, strict shape inference).
+    """
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    inputs = on_device_of(model, as_inputs(example_inputs))
+    axes = (
+        [dict(a) for a in dynamic_axes]
+        if dynamic_axes is not None
+        else default_dynamic_axes(inputs)
+    )
+    if len(axes) != len(inputs):
+        raise ConfigError(f"dynamic_axes has {len(axes)} entries for {len(inputs)} inputs")
+    # batch 1 (or sequence 1) examples let the exporter specialise the axis: export with >= 2
+    sizes = {
+        name: max(2, x.shape[d]) for x, a in zip(inputs, axes, strict=True) for d, name in a.items()
+    }
+    inputs = resize_inputs(inputs, sizes.get(BATCH, 2), seq=sizes.get(SEQ), axes=axes)
+    in_names = list(input_names) if input_names else input_names_of(model, len(inputs))
+    if len(in_names) != len(inputs):
+        raise ConfigError(f"{len(in_names)} input names for {len(inputs)} inputs")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = _run(model, inputs)
+        out_names = (
+            list(output_names)
+            if output_names
+            else (["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
+        )
+        if len(out_names) != len(outputs):
+            raise ConfigError(f"{len(out_names)} output names for {len(outputs)} outputs")
+        job = _Job(model, inputs, axes, in_names, out_names, opset, external_data)
+        result = _export_with_fallback(job, target, exporter, sink)
+    finally:
+        model.train(was_training)
+    return result
+
+
+@dataclass
+class _Job:
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    axes: list[dict[int, str]]
+    input_names: list[str]
+    output_names: list[str]
+    opset: int | None
+    external_data: bool = False
+
+
+def _export_with_fallback(
+    job: _Job, target: Path, exporter: str, sink: EventSink | None
+) -> ExportResult:
+    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    failures: list[tuple[str, str]] = []
+    for name in order:
+        emit(sink, "stage", message=f"exporting {target.name} ({name} exporter)")
+        # written under its final name in a hidden folder beside the target, then moved into
+        # place (external data first), so a failed export leaves nothing behind
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            _EXPORT[name](job, scratch / target.name)
+            check_onnx(scratch / target.name)
+            _check_dynamic(scratch / target.name, job)
+            for part in sorted(scratch.iterdir(), key=lambda p: p.name == target.name):
+                os.replace(part, target.parent / part.name)
+        except ExportError as exc:
+            failures.append((name, str(exc)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, typed
+            failures.append((name, error_line(exc)))
+            continue
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        reason = "; ".join(f"{n} exporter failed: {r}" for n, r in failures) or None
+        if reason:
+            emit(sink, "export_fallback", exporter=name, reason=reason)
+        return _describe(target, name, job, reason)
+    where = _failing_module(job, order[0])
+    detail = "; ".join(f"{n}: {r}" for n, r in failures)
+    raise ExportError(f"ONNX export failed{where}: {detail}")
+
+
+def _export_dynamo(job: _Job, path: Path) -> None:
+    dims: dict[str, Any] = {}
+    shapes = tuple(
+        {d: dims.setdefault(n, torch.export.Dim(n)) for d, n in a.items()} or None for a in job.axes
+    )
+    with quiet():
+        torch.onnx.export(
+            job.model,
+            job.inputs,
+            str(path),
+            dynamo=True,
+            external_data=job.external_data,
+            opset_version=job.opset,
+            input_names=job.input_names,
+            output_names=job.output_names,
+            dynamic_shapes=shapes,
+        )
+
+
+def _export_torchscript(job: _Job, path: Path) -> None:
+    axes = {n: dict(a) for n, a in zip(job.input_names, job.axes, strict=True) if a}
+    axes.update(zip(job.output_names, _output_axes(job), strict=True))
+    with quiet():
+        torch.onnx.export(
+            job.model,
+            job.inputs,
+            str(path),
+            dynamo=False,
+            opset_version=job.opset,
+            input_names=job.input_names,
+            output_names=job.output_names,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+
+
+_EXPORT: dict[str, Callable[[_Job, Path], None]] = {
+    "dynamo": _export_dynamo,
+    "torchscript": _export_torchscript,
+}
+
+
+def _output_axes(job: _Job) -> list[dict[int, str]]:
+    """Which output dims follow the batch / sequence axes, found by running one size larger."""
+    base = [tuple(o.shape) for o in _run(job.model, job.inputs)]
+    found: list[dict[int, str]] = [{} for _ in base]
+    for name in (BATCH, SEQ):
+        sizes = {n: job.inputs[i].shape[d] for i, a in enumerate(job.axes) for d, n in a.items()}
+        if name not in sizes:
+            continue
+        grown = resize_inputs(
+            job.inputs,
+            sizes.get(BATCH, 2) + (name == BATCH),
+            seq=sizes.get(SEQ, 2) + (name == SEQ),
+            axes=job.axes,
+        )
+        for axes, before, out in zip(found, base, _run(job.model, grown), strict=True):
+            changed = [d for d, (a, b) in enumerate(zip(before, out.shape, strict=False)) if a != b]
+            axes.update({d: name for d in changed})
+    return found
+
+
+def _check_dynamic(path: Path, job: _Job) -> None:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    declared = dict(zip(job.input_names, job.axes, strict=True))
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for d, name in declared.get(value.name, {}).items():
+            if d < len(dims) and not dims[d].dim_param:
+                raise ExportError(
+                    f"input '{value.name}' axis {d} ({name}) was exported as the fixed size "
+                    f"{dims[d].dim_value}"
+                )
+
+
+def check_onnx(path: str | os.PathLike[str]) -> None:
+    """Run ``onnx.checker`` with the full check (strict shape inference); ExportError on failure."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker and shape inference raise several types
+        raise ExportError(f"onnx.checker rejected {Path(path).name}: {error_line(exc)}") from None
+
+
+def _describe(path: Path, exporter: str, job: _Job, reason: str | None) -> ExportResult:
+    import onnx
+
+    model = onnx.load(str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    inits = model.graph.initializer
+    elements = sum(math.prod(init.dims) for init in inits)
+    in_graph = {v.name for v in model.graph.input}
+    return ExportResult(
+        path=path,
+        exporter=exporter,
+        opset=int(opset),
+        input_names=list(job.input_names),
+        output_names=[v.name for v in model.graph.output],
+        dynamic_axes={
+            n: dict(a) for n, a in zip(job.input_names, job.axes, strict=True) if n in in_graph
+        },
+        initializers=len(inits),
+        initializer_elements=int(elements),
+        file_bytes=sum(
+            f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.exists()
+        ),
+        fallback_reason=reason,
+    )
+
+
+# ---------------------------------------------------------------------- which module failed
+def _failing_module(job: _Job, exporter: str, budget: int = 24) -> str:
+    """`` in module 'name' (Class)``: the innermost module whose own export still fails."""
+    calls: dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.setdefault(module, (args, kwargs))
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in job.model.modules()]
+    try:
+        _run(job.model, job.inputs)
+    except Exception:  # noqa: BLE001 - the model ran before; nothing more to learn here
+        return ""
+    finally:
+        for h in hooks:
+            h.remove()
+    names = {m: n for n, m in job.model.named_modules()}
+    current = job.model
+    with tempfile.TemporaryDirectory() as scratch:
+        while budget > 0:
+            children = sorted((c for c in current.children() if c in calls), key=list(calls).index)
+            failing = None
+            for child in children[:budget]:
+                budget -= 1
+                if _fails_alone(child, *calls[child], Path(scratch), exporter):
+                    failing = child
+                    break
+            if failing is None:
+                break
+            current = failing
+    name = names.get(current, "")
+    return f" in module '{name or '<root>'}' ({type(current).__name__})"
+
+
+def _fails_alone(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], scratch: Path, exporter: str
+) -> bool:
+    leaves = pytree.tree_leaves((args, kwargs))
+    if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves if x is not None):
+        return False
+    try:
+        with quiet():
+            torch.onnx.export(
+                copy.deepcopy(module),
+                args,
+                str(scratch / "part.onnx"),
+                kwargs=kwargs,
+                dynamo=exporter == "dynamo",
+                external_data=False,
+            )
+    except Exception:  # noqa: BLE001 - failing is what we are looking for
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def quiet() -> Iterator[io.StringIO]:
+    """Keep exporter chatter off the screen: stdout, stderr, warnings and logging go to a buffer."""
+    buffer = io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(buffer),
+            contextlib.redirect_stderr(buffer),
+        ):
+            warnings.simplefilter("ignore")
+            yield buffer
+    finally:
+        logging.disable(previous)
+
+
+def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - user model: report it in one line
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        raise ShapeError(
+            f"the model failed on the example inputs {shapes}: {error_line(exc)}"
+        ) from None
+    leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    if not leaves:
+        raise ExportError(
+            f"the model returned no tensors ({type(out).__name__}); nothing to export"
+        )
+    return leaves
+
+
+def error_line(exc: BaseException, limit: int = 240) -> str:
+    """``Type: message`` in one line, from an exporter's (often pages long) message."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    pick = next((ln for ln in lines if ln.startswith("<class '")), None)
+    if pick is not None:  # the dynamo exporter's "Exception summary"
+        pick = pick.split(">: ", 1)[-1]
+    line = pick or (lines[0] if lines else "")
+    line = " ".join(line.replace("\x1b[96m", "").replace("\x1b[0m", "").split())
+    if len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+__all__ = [
+    "EXPORTERS",
+    "ExportResult",
+    "LayerSize",
+    "as_inputs",
+    "check_onnx",
+    "check_shrunk",
+    "default_dynamic_axes",
+    "export_onnx",
+    "input_names_of",
+    "onnx_layer_sizes",
+    "error_line",
+    "quiet",
+    "resize_inputs",
+]

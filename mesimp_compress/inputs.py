@@ -1,0 +1,122 @@
+"""Example inputs of a model: a tuple of tensors, their dynamic axes, and resizing them.
+
+A model is called as ``model(*inputs)``. Each input's dynamic axes are a map ``{dim: name}``;
+the names ``"batch"`` and ``"seq"`` are shared across inputs, so token ids and their attention
+mask get one batch and one sequence axis. By default dim 0 of every input is the batch and
+dim 1 of a 2-D integer input (token ids, masks) the sequence. Inputs for another batch size or
+sequence length are made by repeating or slicing the given ones, so integer ids stay valid.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ShapeError
+
+BATCH = "batch"
+SEQ = "seq"
+
+Axes = Mapping[int, str]
+
+
+def as_inputs(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """``inputs`` as a non-empty tuple of tensors; ShapeError otherwise."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)) or not inputs:
+        raise ShapeError(
+            f"example inputs must be a tensor or a tuple of tensors, got {inputs!r:.80}"
+        )
+    bad = [i for i, x in enumerate(inputs) if not isinstance(x, torch.Tensor)]
+    if bad:
+        raise ShapeError(
+            f"example input {bad[0]} is a {type(inputs[bad[0]]).__name__}, not a tensor"
+        )
+    return tuple(inputs)
+
+
+def on_device_of(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``inputs`` moved to the device of the model's first parameter (if it has one)."""
+    device = next((p.device for p in model.parameters()), None)
+    if device is None:
+        return tuple(inputs)
+    return tuple(x.to(device) for x in inputs)
+
+
+def default_dynamic_axes(inputs: Sequence[torch.Tensor]) -> list[dict[int, str]]:
+    """Dim 0 of every input is the batch; dim 1 of a 2-D integer input is the sequence."""
+    axes = []
+    for x in inputs:
+        entry: dict[int, str] = {0: BATCH} if x.dim() >= 1 else {}
+        if x.dim() == 2 and not x.dtype.is_floating_point and x.dtype != torch.bool:
+            entry[1] = SEQ
+        axes.append(entry)
+    return axes
+
+
+def resize_inputs(
+    inputs: Sequence[torch.Tensor],
+    batch: int,
+    *,
+    seq: int | None = None,
+    axes: Sequence[Axes] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The inputs with every ``"batch"`` axis resized to ``batch`` (and every ``"seq"`` axis to
+    ``seq``) by repeating or slicing the given rows, so integer ids stay valid."""
+    inputs = as_inputs(inputs)
+    axes = list(axes) if axes is not None else default_dynamic_axes(inputs)
+    if len(axes) != len(inputs):
+        raise ConfigError(f"dynamic axes given for {len(axes)} inputs, but there are {len(inputs)}")
+    out = []
+    for x, entry in zip(inputs, axes, strict=True):
+        for dim, name in entry.items():
+            size = batch if name == BATCH else seq if name == SEQ else None
+            if size is not None:
+                x = _resize_dim(x, dim, size)
+        out.append(x.contiguous())
+    return tuple(out)
+
+
+def _resize_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if size < 1:
+        raise ConfigError(f"a batch or sequence size must be >= 1, got {size}")
+    have = x.shape[dim]
+    if have == 0:
+        raise ShapeError(f"cannot resize an empty axis {dim} of an input of shape {tuple(x.shape)}")
+    if size > have:
+        reps = [1] * x.dim()
+        reps[dim] = -(-size // have)
+        x = x.repeat(*reps)
+    return x.narrow(dim, 0, size)
+
+
+def input_names_of(model: nn.Module, count: int) -> list[str]:
+    """Names of the first ``count`` positional parameters of ``model.forward`` (``input_i``
+    where the signature does not say)."""
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    names = params[:count] if len(params) >= count else []
+    return names or [f"input_{i}" for i in range(count)]
+
+
+__all__ = [
+    "BATCH",
+    "SEQ",
+    "Axes",
+    "as_inputs",
+    "default_dynamic_axes",
+    "input_names_of",
+    "on_device_of",
+    "resize_inputs",
+]

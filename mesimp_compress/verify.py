@@ -1,0 +1,311 @@
+"""Proof in onnxruntime: ORT outputs agree with PyTorch, and the task metric of an ONNX model.
+
+Parity is checked per output on real inputs, the way ``numpy.allclose`` does it: an output
+passes when every element has ``|ort - torch| <= atol + rtol * |torch|``. Reported per output:
+``max_abs`` (largest absolute difference), ``max_rel`` (``max_abs`` over the largest
+``|torch|`` of that output) and ``worst`` (largest ``|ort - torch| / (atol + rtol*|torch|)``,
+so ``worst <= 1`` means it passed). The defaults fit fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from . import tasks
+from .batches import batch_size, split_batch
+from .errors import ExportError, ParityError, ShapeError
+from .inputs import on_device_of, resize_inputs
+
+ATOL = 1e-4
+RTOL = 1e-3
+
+OnnxModel = Any  # a path to an .onnx file or an onnxruntime.InferenceSession
+
+_NUMPY_OF_ORT = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def make_session(path: str | os.PathLike[str], *, threads: int = 1) -> Any:
+    """An onnxruntime CPU session: optimisation level ALL, ``threads`` intra-op threads,
+    one inter-op thread, sequential execution."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if not Path(path).is_file():
+        raise ExportError(f"ONNX file {str(path)!r} does not exist")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {_line(exc)}") from None
+
+
+def session_of(model: OnnxModel, *, threads: int = 1) -> Any:
+    """``model`` itself if it is a session, else a new session of the file."""
+    return model if hasattr(model, "get_inputs") else make_session(model, threads=threads)
+
+
+def feed(
+    session: Any, inputs: Sequence[Any], input_names: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The ``{name: array}`` feed for ``inputs`` (by ``input_names`` when given, since an
+    exporter may drop an unused input; else by position), cast to the types the model takes."""
+    wanted = session.get_inputs()
+    arrays = [
+        x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs
+    ]
+    if input_names is not None:
+        if len(input_names) != len(arrays):
+            raise ShapeError(
+                f"{len(arrays)} inputs given for the {len(input_names)} input names "
+                f"{list(input_names)}"
+            )
+        given = dict(zip(input_names, arrays, strict=True))
+        missing = [i.name for i in wanted if i.name not in given]
+        if missing:
+            raise ShapeError(
+                f"the ONNX model takes inputs {missing} that were not given (given: {list(given)})"
+            )
+        chosen = [given[i.name] for i in wanted]
+    else:
+        if len(wanted) != len(arrays):
+            raise ShapeError(
+                f"the ONNX model takes {len(wanted)} inputs "
+                f"({', '.join(i.name for i in wanted)}), got {len(arrays)}"
+            )
+        chosen = arrays
+    out = {}
+    for info, array in zip(wanted, chosen, strict=True):
+        dtype = _NUMPY_OF_ORT.get(info.type)
+        out[info.name] = array.astype(dtype, copy=False) if dtype is not None else array
+    return out
+
+
+def run_onnx(
+    session: Any, inputs: Sequence[Any], input_names: Sequence[str] | None = None
+) -> list[np.ndarray]:
+    """The session's outputs for ``inputs``, in the model's output order."""
+    return list(session.run(None, feed(session, inputs, input_names)))
+
+
+def torch_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The model's tensor outputs, flattened in the order the ONNX exporters use."""
+    with torch.no_grad():
+        out = model(*inputs)
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------- parity
+@dataclass
+class OutputParity:
+    """How far one ORT output is from PyTorch's, over all checked batches."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    worst: float
+    passed: bool
+
+
+@dataclass
+class ParityResult:
+    """Parity of one ONNX model with its PyTorch model, per output."""
+
+    label: str
+    atol: float
+    rtol: float
+    batches: int
+    outputs: list[OutputParity] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when every output is within tolerance."""
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, with ``passed``."""
+        return {**asdict(self), "passed": self.passed}
+
+
+def check_parity(
+    onnx_model: OnnxModel,
+    model: nn.Module,
+    batches: Iterable[Sequence[torch.Tensor]],
+    *,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    label: str = "model",
+    input_names: Sequence[str] | None = None,
+    raise_on_fail: bool = True,
+) -> ParityResult:
+    """Compare ORT with PyTorch on each input tuple of ``batches``; ParityError naming the
+    worst output when one is beyond tolerance (unless ``raise_on_fail`` is False)."""
+    session = session_of(onnx_model)
+    names = [o.name for o in session.get_outputs()]
+    was_training = model.training
+    model.eval()
+    stats: dict[str, list[float]] = {}
+    count = 0
+    try:
+        for inputs in batches:
+            inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+            expected = torch_outputs(model, on_device_of(model, inputs))
+            got = run_onnx(session, inputs, input_names)
+            if len(got) != len(expected):
+                raise ParityError(
+                    f"{label}: onnxruntime gives {len(got)} outputs, PyTorch {len(expected)}"
+                )
+            for name, ort_out, ref in zip(names, got, expected, strict=True):
+                ref_np = ref.detach().cpu().numpy()
+                if ort_out.shape != ref_np.shape:
+                    raise ParityError(
+                        f"{label}: output '{name}' has shape {ort_out.shape} in "
+                        f"onnxruntime, {ref_np.shape} in PyTorch"
+                    )
+                _accumulate(stats.setdefault(name, [0.0, 0.0, 0.0]), ort_out, ref_np, atol, rtol)
+            count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ShapeError(f"{label}: no inputs to check parity on")
+    result = ParityResult(
+        label,
+        atol,
+        rtol,
+        count,
+        [
+            OutputParity(n, s[0], s[0] / s[1] if s[1] > 0 else s[0], s[2], s[2] <= 1.0)
+            for n, s in stats.items()
+        ],
+    )
+    if raise_on_fail and not result.passed:
+        bad = max(result.outputs, key=lambda o: o.worst)
+        raise ParityError(
+            f"{label}: onnxruntime output '{bad.name}' differs from PyTorch by up to "
+            f"{bad.max_abs:.3g} (relative {bad.max_rel:.3g}), "
+            f"beyond atol {atol:g} + rtol {rtol:g}*|ref|"
+        )
+    return result
+
+
+def _accumulate(
+    stat: list[float], got: np.ndarray, ref: np.ndarray, atol: float, rtol: float
+) -> None:
+    a, b = got.astype(np.float64), ref.astype(np.float64)
+    if a.size == 0:
+        return
+    diff = np.abs(a - b)
+    if not np.all(np.isfinite(diff)):
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        diff = np.where(same, 0.0, np.where(np.isfinite(diff), diff, np.inf))
+    stat[0] = max(stat[0], float(diff.max()))
+    stat[1] = max(stat[1], float(np.abs(b[np.isfinite(b)]).max(initial=0.0)))
+    stat[2] = max(stat[2], float((diff / (atol + rtol * np.abs(b))).max()))
+
+
+def parity_inputs(
+    data: Iterable[Any], *, max_batches: int = 3, resize_to: Sequence[int] = (1,), axes: Any = None
+) -> list[tuple[torch.Tensor, ...]]:
+    """Inputs of up to ``max_batches`` real batches of ``data``, plus the first batch resized
+    to each size in ``resize_to`` (so the dynamic batch axis is exercised too)."""
+    picked: list[tuple[torch.Tensor, ...]] = []
+    for batch in data:
+        inputs, _ = split_batch(batch, where="eval data")
+        picked.append(tuple(x.cpu() for x in inputs))
+        if len(picked) >= max_batches:
+            break
+    if not picked:
+        raise ShapeError("eval data: no batches to check parity on")
+    for size in resize_to:
+        picked.append(resize_inputs(picked[0], size, axes=axes))
+    return picked
+
+
+# ---------------------------------------------------------------------- metric
+def evaluate_onnx(
+    onnx_model: OnnxModel,
+    data: Iterable[Any],
+    metric: Any = None,
+    *,
+    input_names: Sequence[str] | None = None,
+) -> float:
+    """The task metric (accuracy by default) of the ONNX model over all of ``data``: the
+    outputs go to ``metric(outputs, targets)`` as tensors (a tuple when there are several)."""
+    session = session_of(onnx_model)
+    metric = metric or tasks.accuracy
+    total = count = 0.0
+    for batch in data:
+        inputs, targets = split_batch(batch, where="eval data")
+        outs = [torch.from_numpy(np.asarray(o)) for o in run_onnx(session, inputs, input_names)]
+        outputs = outs[0] if len(outs) == 1 else tuple(outs)
+        s, c = tasks.metric_value(
+            metric(outputs, targets.cpu() if isinstance(targets, torch.Tensor) else targets),
+            batch_size(inputs),
+        )
+        total += s
+        count += c
+    return total / count if count else float("nan")
+
+
+def evaluate_torch(model: nn.Module, data: Iterable[Any], metric: Any = None) -> float:
+    """The task metric (accuracy by default) of the PyTorch model over all of ``data``."""
+    metric = metric or tasks.accuracy
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    try:
+        with torch.no_grad():
+            for batch in data:
+                inputs, targets = split_batch(batch, where="eval data")
+                outputs = model(*on_device_of(model, inputs))
+                if isinstance(targets, torch.Tensor):
+                    targets = targets.to(next((p.device for p in model.parameters()), "cpu"))
+                s, c = tasks.metric_value(metric(outputs, targets), batch_size(inputs))
+                total += s
+                count += c
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def _line(exc: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+__all__ = [
+    "ATOL",
+    "RTOL",
+    "OutputParity",
+    "ParityResult",
+    "check_parity",
+    "evaluate_onnx",
+    "evaluate_torch",
+    "feed",
+    "make_session",
+    "parity_inputs",
+    "run_onnx",
+    "session_of",
+    "torch_outputs",
+]

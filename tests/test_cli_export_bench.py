@@ -1,0 +1,205 @@
+import json
+import textwrap
+
+import _onnx_zoo as zoo
+import numpy as np
+import pytest
+import torch
+from mesimp_compress.cli.main import app
+from typer.testing import CliRunner
+
+from mesimp_compress.export import export_onnx
+from mesimp_compress.verify import make_session, run_onnx
+
+torch.set_num_threads(1)
+runner = CliRunner()
+
+
+@pytest.fixture
+def factory(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(
+        textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        """)
+    )
+    return path
+
+
+def test_export_writes_a_checked_file_and_reports_parity_as_json(factory, tmp_path):
+    out = tmp_path / "net.onnx"
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            f"{factory}:build",
+            "--input-shape",
+            "2,8",
+            "--out",
+            str(out),
+            "--exporter",
+            "torchscript",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["export"]["exporter"] == "torchscript"
+    assert payload["export"]["dynamic_axes"] == {"input": {"0": "batch"}}
+    assert payload["parity"]["passed"] is True and payload["parity"]["batches"] == 3
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    x = torch.randn(4, 8)
+    (got,) = run_onnx(make_session(out), (x,))
+    assert np.allclose(got, model(x).detach().numpy(), atol=1e-5)
+
+
+def test_export_loads_weights_and_prints_a_table(factory, tmp_path):
+    weights = tmp_path / "w.pt"
+    small = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    state = {k: torch.full_like(v, 0.5) for k, v in small.state_dict().items()}
+    torch.save(state, weights)
+    out = tmp_path / "w.onnx"
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            f"{factory}:build",
+            "--input-shape",
+            "float32:3,8",
+            "--weights",
+            str(weights),
+            "--out",
+            str(out),
+            "--exporter",
+            "dynamo",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "exporter" in result.stdout
+        and "dynamo" in result.stdout
+        and "parity output" in result.stdout
+    )
+    (got,) = run_onnx(make_session(out), (torch.ones(1, 8),))
+    assert np.allclose(got, 0.5 * (0.5 * 8 + 0.5) * 6 + 0.5)  # every weight and bias 0.5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "{tmp}/a.onnx"], "either --input-shape or --data"),
+        (["--input-shape", "2,x", "--out", "{tmp}/a.onnx"], "integer dims"),
+        (["--input-shape", "complex:2,8", "--out", "{tmp}/a.onnx"], "unknown dtype 'complex'"),
+        (["--input-shape", "2,8", "--axes", "batch", "--out", "{tmp}/a.onnx"], "dim=name pairs"),
+        (["--input-shape", "2,7", "--out", "{tmp}/a.onnx"], "failed on the example inputs"),
+    ],
+)
+def test_export_user_errors_are_one_line_and_exit_2(factory, tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = runner.invoke(app, ["export", f"{factory}:build", *args])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_export_refuses_to_overwrite_without_force(factory, tmp_path):
+    out = tmp_path / "exists.onnx"
+    out.write_text("keep me")
+    result = runner.invoke(
+        app, ["export", f"{factory}:build", "--input-shape", "2,8", "--out", str(out)]
+    )
+    assert result.exit_code == 2 and "--force" in result.stderr
+    assert out.read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def onnx_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    original = zoo.mlp()
+    small = zoo.slice_mlp(original, zoo.KEEP1, zoo.KEEP2)
+    x = torch.randn(2, 16)
+    a = export_onnx(original, (x,), folder / "orig.onnx", exporter="torchscript").path
+    b = export_onnx(small, (x,), folder / "small.onnx", exporter="torchscript").path
+    return a, b
+
+
+def test_bench_json_gives_median_p90_and_speedup_per_batch(onnx_pair):
+    a, b = onnx_pair
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(a),
+            str(b),
+            "--batch",
+            "1,4",
+            "--threads",
+            "1",
+            "--rounds",
+            "2",
+            "--block",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["models"] == ["orig", "small"]
+    assert [(r["batch"], r["threads"]) for r in payload["rows"]] == [(1, 1), (4, 1)]
+    for row in payload["rows"]:
+        assert row["orig_median_ms"] > 0 and row["small_p90_ms"] >= row["small_median_ms"]
+        assert row["speedup"] == pytest.approx(row["orig_median_ms"] / row["small_median_ms"])
+    assert payload["machine"]["bench_threads"] == [1]
+    assert payload["versions"]["onnxruntime"]
+
+
+def test_bench_table_has_a_row_per_thread_count_and_batch(onnx_pair):
+    a, b = onnx_pair
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(a),
+            str(b),
+            "--batch",
+            "2",
+            "--threads",
+            "1,2",
+            "--rounds",
+            "1",
+            "--block",
+            "1",
+            "--warmup",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "small speedup" in result.stdout
+    assert result.stdout.count("x [") == 2
+
+
+def test_bench_errors(onnx_pair, tmp_path):
+    a, _ = onnx_pair
+    missing = runner.invoke(app, ["bench", str(a), str(tmp_path / "none.onnx")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    alone = runner.invoke(app, ["bench", str(a)])
+    assert alone.exit_code == 2 and "at least two" in alone.stderr
+    other = export_onnx(
+        zoo.Tagger(),
+        (torch.randint(0, 50, (2, 5)),),
+        tmp_path / "tagger.onnx",
+        exporter="torchscript",
+    ).path
+    mismatch = runner.invoke(app, ["bench", str(a), str(other), "--rounds", "1"])
+    assert mismatch.exit_code == 2 and "takes inputs" in mismatch.stderr
+    bad_batch = runner.invoke(app, ["bench", str(a), str(a), "--batch", "0"])
+    assert bad_batch.exit_code == 2 and "positive ints" in bad_batch.stderr

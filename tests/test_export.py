@@ -1,0 +1,201 @@
+import _onnx_zoo as zoo
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from mesimp_compress.errors import ConfigError, ExportError, ShapeError
+from mesimp_compress.export import (
+    default_dynamic_axes,
+    export_onnx,
+    input_names_of,
+    resize_inputs,
+)
+from mesimp_compress.verify import check_parity, make_session, run_onnx
+
+torch.set_num_threads(1)
+
+
+def _dims(path, kind="input"):
+    graph = onnx.load(str(path)).graph
+    values = graph.input if kind == "input" else graph.output
+    return {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values
+    }
+
+
+# ---------------------------------------------------------------------- inputs
+def test_default_axes_batch_everywhere_and_seq_for_integer_2d_inputs():
+    axes = default_dynamic_axes(
+        (
+            torch.zeros(2, 784),
+            torch.zeros(2, 7, dtype=torch.long),
+            torch.zeros(2, 3, 8, 8),
+            torch.zeros(2, 7, dtype=torch.bool),
+        )
+    )
+    assert axes == [{0: "batch"}, {0: "batch", 1: "seq"}, {0: "batch"}, {0: "batch"}]
+
+
+def test_resize_repeats_and_slices_rows_so_ids_stay_valid():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    big_ids, big_mask = resize_inputs((ids, mask), 5, seq=4)
+    assert big_ids.shape == (5, 4) and big_mask.shape == (5, 4)
+    assert big_ids.tolist() == [
+        [5, 6, 7, 5],
+        [8, 9, 0, 8],
+        [5, 6, 7, 5],
+        [8, 9, 0, 8],
+        [5, 6, 7, 5],
+    ]
+    assert big_mask[:, :3].tolist()[:2] == mask.tolist()
+    (one,) = resize_inputs((torch.arange(12.0).reshape(3, 4),), 1)
+    assert one.tolist() == [[0.0, 1.0, 2.0, 3.0]]
+    with pytest.raises(ConfigError):
+        resize_inputs((ids,), 0)
+
+
+def test_input_names_come_from_the_forward_signature():
+    assert input_names_of(zoo.Tagger(), 1) == ["ids"]
+    assert input_names_of(nn.Linear(2, 2), 1) == ["input"]
+    assert input_names_of(nn.Linear(2, 2), 2) == ["input_0", "input_1"]
+
+
+# ---------------------------------------------------------------------- dynamo exports of the zoo
+def test_mlp_exports_one_file_with_a_dynamic_batch_and_matches_pytorch():
+    original, _ = zoo.mlp_pair()
+    r = original.result
+    assert r.exporter == "dynamo" and r.fallback_reason is None
+    assert list(r.path.parent.glob(f"{r.path.name}*")) == [r.path]  # no external data, no temp
+    assert _dims(r.path) == {"input": ["batch", 16]}
+    assert _dims(r.path, "output") == {"output": ["batch", 4]}
+    assert (
+        r.opset >= 18
+        and r.initializers == 6
+        and r.initializer_elements == 16 * 12 + 12 + 12 * 12 + 12 + 12 * 4 + 4
+    )
+    session = make_session(r.path)
+    for batch in (1, 3, 64):
+        x = torch.randn(batch, 16)
+        (out,) = run_onnx(session, (x,))
+        assert out.shape == (batch, 4)
+        assert torch.allclose(torch.from_numpy(out), original.model(x), atol=1e-5)
+
+
+def test_export_prints_nothing(capfd, tmp_path):
+    capfd.readouterr()
+    export_onnx(zoo.mlp(), (torch.randn(2, 16),), tmp_path / "quiet.onnx", exporter="dynamo")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_external_data_puts_the_weights_beside_the_file(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 4)).eval()
+    r = export_onnx(model, (torch.randn(2, 64),), tmp_path / "x.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx", "x.onnx.data"]
+    assert r.path.stat().st_size < 10_000 < r.file_bytes  # 78 k weights live in x.onnx.data
+    assert check_parity(r.path, model, [(torch.randn(3, 64),)]).passed
+
+
+def test_opset_is_configurable(tmp_path):
+    r = export_onnx(
+        zoo.mlp(), (torch.randn(2, 16),), tmp_path / "o17.onnx", opset=17, exporter="torchscript"
+    )
+    assert r.opset == 17
+    assert onnx.load(str(r.path)).opset_import[0].version == 17
+
+
+@pytest.mark.parametrize("name", ["cnn", "tagger", "encoder_layer", "bert"])
+def test_zoo_exports_with_dynamic_axes_and_matches_pytorch_at_other_sizes(name):
+    if name == "bert":
+        pytest.importorskip("transformers")
+    e = getattr(zoo, name)()
+    assert e.result.exporter == "dynamo"
+    onnx.checker.check_model(str(e.result.path), full_check=True)
+    axes = e.axes or default_dynamic_axes(e.inputs)
+    dims = _dims(e.result.path)
+    for name_in, entry in zip(e.result.input_names, axes, strict=True):
+        for d, label in entry.items():
+            assert dims[name_in][d] == label
+    batches = [resize_inputs(e.inputs, b, seq=s, axes=axes) for b, s in ((1, 3), (3, 9), (5, 4))]
+    parity = check_parity(
+        e.result.path, e.model, batches, label=name, input_names=e.result.input_names
+    )
+    assert parity.passed and all(o.max_abs < 1e-4 for o in parity.outputs)
+    if name == "bert":  # last_hidden_state and pooler_output
+        assert [o.name for o in parity.outputs] == ["output_0", "output_1"]
+
+
+# ---------------------------------------------------------------------- fallback and failure
+class _DataDependent(nn.Module):
+    """torch.export cannot guard on a data-dependent branch; the TorchScript tracer can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().sum() > 0:
+            return self.lin(x)
+        return self.lin(x) * 0
+
+
+class _Eigen(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.eigvals(x @ x.transpose(-1, -2)).real
+
+
+class _Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.spectrum = _Eigen()
+        self.last = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.spectrum(self.first(x).unsqueeze(-1) * torch.ones(1, 1, 4)))
+
+
+def test_dynamo_failure_falls_back_to_torchscript_and_says_so(tmp_path):
+    events = []
+    model = _DataDependent().eval()
+    r = export_onnx(model, (torch.randn(2, 8),), tmp_path / "dd.onnx", sink=events.append)
+    assert r.exporter == "torchscript"
+    assert r.fallback_reason.startswith("dynamo exporter failed:")
+    assert [e.kind for e in events][-1] == "export_fallback"
+    assert _dims(r.path) == {"x": ["batch", 8]}
+    assert check_parity(r.path, model, [(torch.randn(5, 8),)]).passed
+
+
+def test_export_failing_in_both_exporters_names_the_module_and_leaves_no_file(tmp_path):
+    target = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError) as info:
+        export_onnx(_Outer().eval(), (torch.randn(3, 4),), target)
+    message = str(info.value)
+    assert "in module 'spectrum' (_Eigen)" in message
+    assert "dynamo:" in message and "torchscript:" in message and "linalg_eig" in message
+    assert "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_are_typed_errors(tmp_path):
+    with pytest.raises(ConfigError, match="exporter must be one of"):
+        export_onnx(zoo.mlp(), (torch.randn(2, 16),), tmp_path / "x.onnx", exporter="tf")
+    with pytest.raises(ShapeError, match=r"failed on the example inputs \(2, 15\)"):
+        export_onnx(zoo.mlp(), (torch.randn(2, 15),), tmp_path / "x.onnx", exporter="torchscript")
+    with pytest.raises(ShapeError, match="not a tensor"):
+        export_onnx(zoo.mlp(), ([1.0],), tmp_path / "x.onnx")
+    with pytest.raises(ConfigError, match="1 entries for 2 inputs"):
+        export_onnx(
+            zoo.Tagger(),
+            (torch.ones(2, 3, dtype=torch.long),) * 2,
+            tmp_path / "x.onnx",
+            dynamic_axes=[{0: "batch"}],
+        )
+
+
+def test_export_keeps_the_training_flag(tmp_path):
+    model = zoo.mlp().train()
+    export_onnx(model, (torch.randn(2, 16),), tmp_path / "t.onnx", exporter="torchscript")
+    assert model.training

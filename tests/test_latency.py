@@ -1,0 +1,182 @@
+import _onnx_zoo as zoo
+import pytest
+import torch
+from torch import nn
+
+from mesimp_compress.errors import ConfigError, ShapeError
+from mesimp_compress.export import export_onnx
+from mesimp_compress.latency import (
+    benchmark,
+    dense_twin,
+    flat_row,
+    inputs_from_onnx,
+    signature_of,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("latency")
+    original = zoo.mlp()
+    small = zoo.slice_mlp(original, zoo.KEEP1, zoo.KEEP2)
+    x = torch.randn(2, 16)
+    a = export_onnx(original, (x,), folder / "a.onnx", exporter="torchscript")
+    b = export_onnx(small, (x,), folder / "b.onnx", exporter="torchscript")
+    return {"original": a.path, "compressed": b.path}, (x,)
+
+
+def test_benchmark_rows_cover_every_thread_count_and_batch(pair):
+    models, inputs = pair
+    events = []
+    result = benchmark(
+        models,
+        inputs,
+        batches=(1, 3),
+        threads=(1, 2),
+        warmup=1,
+        rounds=3,
+        block=2,
+        sink=events.append,
+    )
+    assert [(r.threads, r.batch) for r in result.rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    assert [e.kind for e in events].count("bench_row") == 4
+    for row in result.rows:
+        assert set(row.timings) == {"original", "compressed"}
+        assert all(t.calls == 6 for t in row.timings.values())  # rounds x block, each call timed
+        t = row.timings["compressed"]
+        assert 0 < t.p10_ms <= t.median_ms <= t.p90_ms
+        s = row.speedups["compressed"]
+        assert s.value == pytest.approx(row.timings["original"].median_ms / t.median_ms)
+        assert s.low <= s.high
+        assert list(row.speedups) == ["compressed"]  # the baseline has none
+
+
+def test_flat_rows_carry_median_p90_and_speedup_per_model(pair):
+    models, inputs = pair
+    result = benchmark(models, inputs, batches=(2,), warmup=0, rounds=1, block=1)
+    data = result.to_dict()
+    (row,) = data["rows"]
+    assert data["models"] == ["original", "compressed"] and data["baseline"] == "original"
+    assert data["settings"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert data["settings"]["spread"].startswith("p10..p90")
+    for key in (
+        "batch",
+        "seq",
+        "threads",
+        "original_median_ms",
+        "original_p90_ms",
+        "compressed_median_ms",
+        "compressed_p90_ms",
+        "speedup",
+        "speedup_low",
+        "speedup_high",
+        "compressed_speedup",
+    ):
+        assert key in row
+    assert row["speedup"] == row["compressed_speedup"]
+    assert row == flat_row(result.rows[0], "original")
+
+
+def test_max_seconds_stops_rounds_early_but_keeps_three(pair):
+    models, inputs = pair
+    result = benchmark(models, inputs, batches=(1,), warmup=0, rounds=50, block=1, max_seconds=0.0)
+    assert result.rows[0].timings["original"].calls == 3
+
+
+def test_bad_settings_are_config_errors(pair):
+    models, inputs = pair
+    with pytest.raises(ConfigError, match="batch sizes"):
+        benchmark(models, inputs, batches=(0,))
+    with pytest.raises(ConfigError, match="thread counts"):
+        benchmark(models, inputs, threads=())
+    with pytest.raises(ConfigError, match="rounds"):
+        benchmark(models, inputs, rounds=0)
+
+
+def test_inputs_from_an_onnx_signature_size_batch_and_sequence(tmp_path):
+    torch.manual_seed(0)
+    path = export_onnx(
+        zoo.Tagger(),
+        (torch.randint(0, 50, (2, 7)),),
+        tmp_path / "tagger.onnx",
+        exporter="torchscript",
+    ).path
+    inputs, axes, names = inputs_from_onnx(path, batch=3, seq=11)
+    assert names == ["ids"] and axes == [{0: "batch", 1: "seq"}]
+    assert inputs[0].shape == (3, 11) and inputs[0].dtype == torch.int64
+    assert int(inputs[0].min()) == int(inputs[0].max()) == 1  # a valid id everywhere
+    assert signature_of(path) == [("ids", 7, ["batch", "seq"])]
+    result = benchmark(
+        {"tagger": path},
+        inputs,
+        batches=(2,),
+        seq=5,
+        warmup=0,
+        rounds=1,
+        block=1,
+        axes=axes,
+        input_names=names,
+    )
+    assert result.rows[0].seq == 5 and result.rows[0].speedups == {}
+
+
+def test_an_input_axis_that_is_neither_batch_nor_sequence_is_refused(tmp_path):
+    model = zoo.mlp()
+    r = export_onnx(
+        model,
+        (torch.randn(2, 3, 16),),
+        tmp_path / "odd.onnx",
+        exporter="torchscript",
+        dynamic_axes=[{0: "batch", 2: "features"}],
+    )
+    with pytest.raises(ShapeError, match="neither a batch nor a sequence"):
+        inputs_from_onnx(r.path)
+
+
+class _HookedLinear(nn.Linear):
+    """A Linear subclass with extra work in forward, as a careless surgery might leave."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * torch.ones_like(x))
+
+
+def test_dense_twin_rebuilds_every_layer_as_a_plain_module_with_the_same_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        _HookedLinear(3 * 4 * 4, 5),
+        nn.LayerNorm(5),
+    ).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    calls = []
+    model[4].register_forward_hook(lambda *args: calls.append(1))
+    twin = dense_twin(model)
+    assert [type(m) for m in twin] == [
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.ReLU,
+        nn.Flatten,
+        nn.Linear,
+        nn.LayerNorm,
+    ]
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+    assert len(calls) == 1  # only the original's hook ran
+    assert torch.equal(twin[1].running_mean, model[1].running_mean)
+    assert twin[4] is not model[4] and twin[4].weight.data_ptr() != model[4].weight.data_ptr()
+
+
+def test_dense_twin_of_a_bidirectional_lstm_tagger():
+    torch.manual_seed(0)
+    model = zoo.Tagger().eval()
+    twin = dense_twin(model)
+    assert type(twin.lstm) is nn.LSTM and twin.lstm.num_layers == 2 and twin.lstm.bidirectional
+    ids = torch.randint(0, 50, (3, 6))
+    with torch.no_grad():
+        assert torch.equal(twin(ids), model(ids))
