@@ -18,7 +18,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet --no-deps $(DATA_PKGS)
-	$(PIP) install --quiet -e ".[dev,plots,hf]"
+	$(PIP) install --quiet -e ".[dev,plots,hf,peer]"
 	touch $(STAMP)
 
 demo: $(STAMP)

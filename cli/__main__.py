@@ -1,0 +1,5 @@
+"""`python -m mesimp_compress.cli`: the same as the `mesimp` command."""
+
+from .main import main
+
+main()

@@ -1,0 +1,116 @@
+"""`mesimp compress MODEL --data DATA --out DIR`: the whole job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .common import console, err_console, fail, handle_errors
+
+HELP = """Fine-tune MODEL under meProp, remove rarely active units, export original and compressed
+models to ONNX and prove parity and speed in onnxruntime.
+
+MODEL is `path/to/file.py:factory` or `package.module:factory` (factory() returns an nn.Module).
+DATA is `path/to/file.py:function` returning (train, eval) iterables of (inputs, targets)
+batches, or a built-in name (animal-mnist, animal-mnist-images, digits, turkish-upos)."""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress", help=HELP, no_args_is_help=True)(compress)
+
+
+@handle_errors
+def compress(
+    model: str = typer.Argument(..., help="Model factory spec: file.py:factory or package.module:factory."),
+    data: str = typer.Option(..., "--data", help="Data spec (file.py:function) or a built-in name."),
+    out: Path = typer.Option(..., "--out", help="Output directory (created atomically)."),
+    weights: Path | None = typer.Option(None, "--weights", help="state_dict to load (weights_only=True)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow --weights to be a pickled module: this RUNS CODE from the file."),
+    config: Path | None = typer.Option(None, "--config", help="Recipe TOML with the same keys as the flags."),
+    loss: str | None = typer.Option(None, "--loss", help="Loss spec: file.py:fn(outputs, targets) -> scalar."),
+    metric: str | None = typer.Option(None, "--metric", help="Metric spec: file.py:fn(outputs, targets) -> float or (sum, count)."),
+    k: str | None = typer.Option(None, "--k", help="meProp top-k: an int, or a fraction of each layer's width."),
+    mode: str | None = typer.Option(None, "--mode", help="unified | per_example."),
+    prune_rate: float | None = typer.Option(None, "--prune-rate", help="Remove a unit with hits < prune_rate * examples."),
+    window: float | None = typer.Option(None, "--window", help="Window length as a fraction of an epoch."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs per pruning cycle and per normal cycle."),
+    cycles: int | None = typer.Option(None, "--cycles", help="Number of (pruning, normal) cycle pairs."),
+    recovery_epochs: int | None = typer.Option(None, "--recovery-epochs", help="Normal epochs after the last cycle."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="adam | adamw | sgd."),
+    distill: float | None = typer.Option(None, "--distill", help="Weight of distillation from the original (0 = off)."),
+    min_width: int | None = typer.Option(None, "--min-width", help="Never shrink a layer below this."),
+    round_to: int | None = typer.Option(None, "--round-to", help="Round kept widths up to a multiple (8, 16)."),
+    include: list[str] | None = typer.Option(None, "--include", help="Only these module names (patterns)."),
+    exclude: list[str] | None = typer.Option(None, "--exclude", help="Leave these module names (patterns) alone."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N."),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads for fine-tuning."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    batches: str | None = typer.Option(None, "--batches", help="Benchmark batch sizes, e.g. 1,8,64."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="Roll back a prune whose metric drops more than this."),
+    quantize: bool | None = typer.Option(None, "--quantize/--no-quantize", help="Also time an int8 (dynamic) model."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last window checkpoint (same settings)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    from mesimp_compress.api import compress as run
+    from mesimp_compress.config import CompressConfig, read_toml
+    from mesimp_compress.sources import load_data
+    from mesimp_compress.spec import load_factory, load_object, load_weights
+
+    from .render import ProgressRenderer, summary_table
+
+    values: dict[str, Any] = read_toml(config) if config is not None else {}
+    flags = {
+        "k": _parse_k(k), "mode": mode, "prune_rate": prune_rate, "window": window,
+        "epochs": epochs, "cycles": cycles, "recovery_epochs": recovery_epochs, "lr": lr,
+        "optimizer": optimizer, "distill": distill, "min_width": min_width, "round_to": round_to,
+        "include": include or None, "exclude": exclude or None, "device": device,
+        "threads": threads, "seed": seed, "batches": batches, "max_drop": max_drop,
+        "quantize": quantize,
+    }
+    values.update({key: v for key, v in flags.items() if v is not None})
+    cfg = CompressConfig.from_dict(values, source=str(config) if config else "flags")
+
+    net = load_factory(model)
+    if weights is not None:
+        net = load_weights(net, weights, trust_pickle=trust_pickle)
+    train, eval_data = load_data(data)
+    loss_fn = load_object(loss, what="loss") if loss else None
+    metric_fn = load_object(metric, what="metric") if metric else None
+
+    renderer = ProgressRenderer(err_console if as_json else console, quiet=quiet or as_json)
+    try:
+        result = run(net, train, eval_data, config=cfg, loss=loss_fn, metric=metric_fn,
+                     out=out, force=force, sink=renderer, factory=model, resume=resume)
+    except KeyboardInterrupt:
+        raise fail("interrupted: the checkpoint of the last finished window is kept; "
+                   "rerun the same command with --resume to continue", code=130) from None
+    finally:
+        renderer.close()
+    report = result.report or {}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        for table in summary_table(report):
+            console.print(table)
+        console.print(f"wrote {result.out}")
+    if report.get("status") == "failed":
+        raise typer.Exit(1)
+
+
+def _parse_k(text: str | None) -> int | float | str | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text  # CompressConfig rejects it with a KError naming the value

@@ -1,0 +1,190 @@
+"""The facade: ``compress(model, train, eval, config=...)`` and ``load(fresh_model, dir)``."""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import first_batch, split_batch, to_device
+from .config import CompressConfig
+from .errors import CheckpointError, ConfigError, DataError, ShapeError
+from .events import EventSink, emit
+from .outputs import OutputDir
+from .simplify import Simplifier
+from .training import FineTuner, Rollback, WindowRecord
+
+
+@dataclass
+class CompressResult:
+    """What a compression returns: the model, its plan, the history, and the report if exported."""
+
+    model: nn.Module
+    plan: Any
+    history: list[WindowRecord]
+    rollbacks: list[Rollback]
+    metric_before: float
+    metric_after: float
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+    out: Path | None = None
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Width of every prunable layer after compression."""
+        return {key: len(idx) for key, idx in self.plan.kept.items()}
+
+
+def compress(
+    model: nn.Module,
+    train: Iterable[Any],
+    eval: Iterable[Any],  # noqa: A002 - the issue's name
+    *,
+    config: CompressConfig | None = None,
+    loss: Any = None,
+    metric: Any = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    sink: EventSink | None = None,
+    factory: str | None = None,
+    resume: bool = False,
+    checkpoint_dir: str | Path | None = None,
+) -> CompressResult:
+    """Fine-tune ``model`` under meProp, remove rarely active units, and (with ``out``)
+    export, verify and report. The caller's model is not modified.
+
+    With ``out`` (or ``checkpoint_dir``) a checkpoint is written after every window, beside
+    ``out`` by default; ``resume=True`` continues from it (same config required) and reaches
+    the plan and metrics of an uninterrupted run. The checkpoint is removed on success."""
+    cfg = config or CompressConfig()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    output = OutputDir(out, force=force) if out is not None else None  # refuse early
+    checkpointer, state = _checkpoint(out, checkpoint_dir, resume, cfg, sink)
+    _seed(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
+
+    example_inputs, _ = first_batch(train, where="train data")
+    first_batch(eval, where="eval data")
+    original = copy.deepcopy(model).to(device).eval()
+    working = copy.deepcopy(model).to(device)
+    _check_forward(original, to_device(example_inputs, device), train, loss, metric)
+
+    simplifier = Simplifier.build(working, to_device(example_inputs, device), cfg)
+    emit(sink, "structure", groups=simplifier.widths(), skipped=simplifier.skipped())
+    tuner = FineTuner(working, original if cfg.distill > 0 else None, train, eval, simplifier,
+                      cfg, loss=loss, metric=metric, sink=sink, checkpoint=checkpointer,
+                      resume=state)
+    tuned = tuner.run()
+    plan = simplifier.final_plan()
+    result = CompressResult(
+        model=tuned.model, plan=plan, history=tuned.history, rollbacks=tuned.rollbacks,
+        metric_before=tuned.metric_before, metric_after=tuned.metric_after,
+        skipped=simplifier.skipped(),
+    )
+    if output is not None:
+        from .pipeline import export_and_verify
+
+        result.report = export_and_verify(
+            output, original=original, compressed=tuned.model, example_inputs=example_inputs,
+            eval_data=eval, plan=plan, config=cfg, tuned=tuned, skipped=result.skipped,
+            metric=metric, sink=sink, factory=factory,
+        )
+        result.out = output.path
+    if checkpointer is not None:
+        checkpointer.clear()
+    return result
+
+
+def load(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
+    """Rebuild a compressed model: apply ``plan.json`` to a freshly built model, load ``weights.pt``."""
+    from .surgery import load_compressed
+
+    d = Path(directory)
+    return load_compressed(fresh_model, d / "plan.json", d / "weights.pt")
+
+
+# ---------------------------------------------------------------------- helpers
+_NOT_TRAINING = {"device", "threads", "batches", "bench_threads", "quantize", "opset", "atol", "rtol"}
+
+
+def _checkpoint(out: Any, directory: Any, resume: bool, cfg: CompressConfig,
+                sink: EventSink | None) -> tuple[Any, dict[str, Any] | None]:
+    """The run's Checkpointer (None without a place for it) and, when resuming, its state."""
+    from .checkpoint import Checkpointer, default_dir
+
+    if directory is None and out is None:
+        if resume:
+            raise ConfigError("resume needs the output directory (out=) or checkpoint_dir=")
+        return None, None
+    checkpointer = Checkpointer(directory if directory is not None else default_dir(out))
+    if not resume:
+        if checkpointer.exists():
+            emit(sink, "note", message=f"replacing the checkpoint of an earlier run in "
+                                       f"{checkpointer.directory} (use --resume to continue it)")
+        return checkpointer, None
+    state = checkpointer.load()
+    saved = {k: v for k, v in state["config"].items() if k not in _NOT_TRAINING}
+    now = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_TRAINING}
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise CheckpointError(
+            "the checkpoint was made with other settings: "
+            + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed[:5])
+        )
+    return checkpointer, state
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a valid torch device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def _check_forward(model: nn.Module, inputs: tuple[Any, ...], train: Iterable[Any],
+                   loss: Any, metric: Any) -> None:
+    """Run the model and the loss on the first batch, so shape errors surface before training."""
+    from . import tasks
+
+    batch = next(iter(train))
+    _, targets = split_batch(batch, where="train data")
+    targets = to_device(targets, next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            outputs = model(*inputs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+                           for x in inputs)
+        raise ShapeError(f"the model failed on the first train batch (inputs {shapes}): "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    try:
+        value = (loss or tasks.cross_entropy)(outputs, targets)
+        (metric or tasks.accuracy)(outputs, targets)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise ShapeError(f"loss/metric failed on the first batch: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        raise DataError("the loss must return a scalar tensor")

@@ -1,0 +1,159 @@
+"""After fine-tuning: export both models, prove the result in onnxruntime, write the folder.
+
+Order: export ``original.onnx`` and ``model.onnx`` (compressed) (and, in a scratch folder, the dense
+twin of the compressed model as the physical reference); prove the compressed file shrank
+layer by layer; check ORT-vs-PyTorch parity of both on real eval batches; evaluate the task
+metric in ORT; optionally quantize to int8; time all models interleaved; save ``plan.json`` +
+``weights.pt`` and the plots; write ``report.json`` last and publish the folder atomically.
+
+A parity failure still publishes the folder, with ``report.json`` marked ``"failed"``, and
+then raises :class:`ParityError`; any other error leaves no folder behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CompressConfig
+from .errors import ConfigError, ParityError
+from .events import EventSink, emit
+from .outputs import OutputDir
+
+ORIGINAL, COMPRESSED, REFERENCE, INT8 = "original", "compressed", "reference", "int8"
+INT8_TOLERANCE = (0.05, 0.05)  # int8 parity is recorded, not enforced: it is a lossy format
+
+
+def export_and_verify(
+    output: OutputDir,
+    *,
+    original: nn.Module,
+    compressed: nn.Module,
+    example_inputs: tuple[Any, ...],
+    eval_data: Iterable[Any],
+    plan: Any,
+    config: CompressConfig,
+    tuned: Any,
+    skipped: list[dict[str, str]],
+    metric: Any = None,
+    sink: EventSink | None = None,
+    factory: str | None = None,
+) -> dict[str, Any]:
+    """Run the proof and publish ``output``; return the report."""
+    try:
+        report = _prove(output, original, compressed, example_inputs, eval_data, plan, config,
+                        tuned, skipped, metric, sink, factory)
+    except BaseException:
+        output.discard()
+        raise
+    output.commit()
+    emit(sink, "written", path=str(output.path), status=report["status"])
+    if report["status"] != "ok":
+        raise ParityError(f"{report['error']} (report written to {output.path / 'report.json'})")
+    return report
+
+
+def _prove(output: OutputDir, original: nn.Module, compressed: nn.Module,
+           example_inputs: tuple[Any, ...], eval_data: Iterable[Any], plan: Any,
+           cfg: CompressConfig, tuned: Any, skipped: list[dict[str, str]], metric: Any,
+           sink: EventSink | None, factory: str | None) -> dict[str, Any]:
+    from .export import export_onnx
+    from .latency import benchmark, dense_twin
+    from .report import build_report, layer_rows, write_report
+    from .sizes import check_shrunk
+    from .surgery import save_compressed
+    from .verify import check_parity, evaluate_onnx, parity_inputs
+
+    before = copy.deepcopy(original).cpu().eval()
+    after = copy.deepcopy(compressed).cpu().eval()
+    inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    paths = {ORIGINAL: output.file("original.onnx"), COMPRESSED: output.file("model.onnx")}
+    with tempfile.TemporaryDirectory(prefix="mesimp-ref-") as scratch:
+        exports = {
+            label: export_onnx(model, inputs, paths[label], opset=cfg.opset, sink=sink)
+            for label, model in ((ORIGINAL, before), (COMPRESSED, after))
+        }
+        names = exports[COMPRESSED].input_names
+        emit(sink, "stage", message="checking that every pruned layer shrank in ONNX")
+        sizes = check_shrunk(paths[COMPRESSED], after, original_onnx=paths[ORIGINAL],
+                             original_model=before, plan=plan)
+
+        emit(sink, "stage", message="checking parity in onnxruntime")
+        batches = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
+        parity = {
+            label: check_parity(paths[label], model, batches, atol=cfg.atol, rtol=cfg.rtol,
+                                label=label, input_names=names, raise_on_fail=False)
+            for label, model in ((ORIGINAL, before), (COMPRESSED, after))
+        }
+        emit(sink, "stage", message="evaluating both ONNX models")
+        metrics = {
+            "name": getattr(metric, "__name__", None) or "accuracy",
+            "torch_before": tuned.metric_before,
+            "torch_after": tuned.metric_after,
+            "ort_before": evaluate_onnx(paths[ORIGINAL], eval_data, metric, input_names=names),
+            "ort_after": evaluate_onnx(paths[COMPRESSED], eval_data, metric, input_names=names),
+        }
+
+        timed = {ORIGINAL: paths[ORIGINAL], COMPRESSED: paths[COMPRESSED]}
+        reference = Path(scratch) / "reference.onnx"
+        export_onnx(dense_twin(after), inputs, reference, opset=cfg.opset, sink=sink)
+        timed[REFERENCE] = reference
+        if cfg.quantize:
+            from .quantize import quantize_int8
+
+            emit(sink, "stage", message="quantizing the compressed model to int8")
+            timed[INT8] = quantize_int8(paths[COMPRESSED], output.file("model.int8.onnx"))
+            parity[INT8] = check_parity(timed[INT8], after, batches, atol=INT8_TOLERANCE[0],
+                                        rtol=INT8_TOLERANCE[1], label=INT8, input_names=names,
+                                        raise_on_fail=False)
+            metrics["int8"] = evaluate_onnx(timed[INT8], eval_data, metric, input_names=names)
+
+        emit(sink, "stage", message="timing in onnxruntime (interleaved)")
+        threads = sorted({1, cfg.bench_threads, os.cpu_count() or 1})
+        latency = benchmark(timed, inputs, batches=cfg.batches, threads=threads,
+                            rounds=30, max_seconds=20.0, input_names=names, sink=sink)
+
+    failed = [p for label, p in parity.items() if label != INT8 and not p.passed]
+    error = None
+    if failed:
+        worst = max(failed[0].outputs, key=lambda o: o.worst)
+        error = (f"{failed[0].label}: onnxruntime output '{worst.name}' differs from PyTorch by "
+                 f"{worst.max_abs:.3g}, beyond atol {cfg.atol:g} + rtol {cfg.rtol:g}*|ref|")
+    history = [r.to_dict() for r in tuned.history]
+    report = build_report(
+        config=cfg.to_dict(), layers=layer_rows(before, after, sizes), plan=plan, metrics=metrics,
+        parity=parity, latency=latency, export=exports, skipped=skipped,
+        bench_threads=threads, status="failed" if failed else "ok", error=error,
+        extra={
+            "factory": factory,
+            "history": history,
+            "rollbacks": [r.to_dict() for r in tuned.rollbacks],
+            "hits": tuned.hits,
+            "examples": tuned.examples,
+        },
+    )
+    report["metric_before"] = {"torch": metrics["torch_before"], "onnxruntime": metrics["ort_before"]}
+    report["metric_after"] = {"torch": metrics["torch_after"], "onnxruntime": metrics["ort_after"]}
+    save_compressed(after, plan, output.staging)
+    _plots(report, output, tuned, cfg, sink)
+    write_report(report, output.file("report.json"))
+    return report
+
+
+def _plots(report: dict[str, Any], output: OutputDir, tuned: Any, cfg: CompressConfig,
+           sink: EventSink | None) -> None:
+    try:
+        from .plots import write_plots
+
+        examples = tuned.examples
+        write_plots(report, output.staging / "plots", hits=tuned.hits,
+                    examples=examples, prune_rate=cfg.prune_rate)
+    except ConfigError as exc:  # matplotlib missing: the run is still complete
+        emit(sink, "note", message=str(exc))

@@ -1,0 +1,238 @@
+"""The bridge between training and surgery: which layer keys may shrink, and shrinking them.
+
+A :class:`Simplifier` holds the structure of the model being compressed (found once, on the
+full model, by :func:`mesimp_compress.graph.find_groups`), the plan accumulated so far (every
+removal in original indexing, so ``plan.json`` rebuilds the result from a fresh model), and the
+activation means used to compensate removed units. After each surgery the structure is
+*restricted* to the kept units rather than traced again: the meProp wrappers stay in place and
+fractional ``k`` keeps its base.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import replace
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from .activity import ActivityTracker
+from .config import CompressConfig
+from .errors import UnsupportedStructureError
+from .graph import ROLE_IN, Group, Structure, find_groups
+from .meprop.apply import output_layer_of
+from .plan import Plan, make_plan
+from .surgery import ActivationMeans, apply_plan
+
+
+def restrict(structure: Structure, plan: Plan) -> Structure:
+    """The structure of the model after ``plan``: pruned groups lose their removed units and
+    every member dimension that the plan shortened is re-indexed."""
+    slots = {(e.module, e.role): {old: new for new, old in enumerate(e.kept)} for e in plan.edits}
+    sizes = {(e.module, e.role): e.width for e in plan.edits}
+    groups: dict[str, Group] = {}
+    for key, group in structure.groups.items():
+        units = plan.kept.get(key, range(group.width))
+        members = []
+        for m in group.members:
+            slot = (m.module, m.role)
+            where = slots.get(slot)
+            if where is None:
+                positions = tuple(m.positions[u] for u in units)
+                members.append(replace(m, positions=positions))
+                continue
+            positions = tuple(tuple(where[p] for p in m.positions[u]) for u in units)
+            members.append(replace(m, size=sizes[slot], positions=positions))
+        groups[key] = replace(group, width=len(units), members=tuple(members))
+    return Structure(groups, list(structure.skipped))
+
+
+class Simplifier:
+    """Structure, cumulative plan and compensation means of one compression run."""
+
+    def __init__(self, model: nn.Module, structure: Structure, config: CompressConfig) -> None:
+        self.cfg = config
+        self.structure = structure
+        self.original_structure = structure
+        self.original_widths = structure.widths()
+        self.plan = Plan({}, {}, [])
+        self.output_layer = config.output_layer or output_layer_of(model)
+        self.examples = 0
+        self.means: ActivationMeans | None = None
+        if config.compensate:
+            self.means = ActivationMeans(model, self._consumers(model))
+        self._keys = self._choose_keys()
+
+    @classmethod
+    def build(cls, model: nn.Module, example_inputs: Any, config: CompressConfig) -> Simplifier:
+        """Trace ``model`` once; raise UnsupportedStructureError if nothing can be pruned."""
+        structure = find_groups(model, example_inputs, exclude=config.exclude,
+                                allow_residual=config.allow_residual)
+        simplifier = cls(model, structure, config)
+        if not simplifier._keys:
+            simplifier.detach_means(model)
+            reasons = "; ".join(f"{s.name}: {s.reason}" for s in structure.skipped[:6]) or "none"
+            hint = " (no key matches --include)" if config.include and structure.groups else ""
+            raise UnsupportedStructureError(
+                f"no layer of this model can be pruned{hint}; left alone: {reasons}"
+            )
+        return simplifier
+
+    # ------------------------------------------------------------------ queries
+    def widths(self) -> dict[str, int]:
+        """Current width of every prunable layer key."""
+        return {key: self.structure.groups[key].width for key in self._keys}
+
+    def prunable_keys(self) -> list[str]:
+        """Layer keys the rule may shrink (after --include/--exclude)."""
+        return list(self._keys)
+
+    def tied(self) -> list[tuple[str, ...]]:
+        """Sets of keys that must keep equal counts (the layers of one nn.LSTM)."""
+        return [t for t in self.structure.tied_sets() if any(k in self._keys for k in t)]
+
+    def skipped(self) -> list[dict[str, str]]:
+        """Keys and modules left alone, each with the reason."""
+        return [{"name": s.name, "reason": s.reason} for s in self.structure.skipped]
+
+    def kept_original(self) -> dict[str, list[int]]:
+        """Kept units of every prunable key, in the original model's indexing."""
+        return {key: list(self.plan.kept.get(key, range(self.original_widths[key])))
+                for key in self._keys}
+
+    def final_plan(self) -> Plan:
+        """Everything removed, as one plan from the original model."""
+        return self.plan
+
+    # ------------------------------------------------------------------ activity
+    def writers(self, key: str) -> tuple[str, ...]:
+        """The meProp keys whose activity counts for ``key`` (several on a residual stream)."""
+        return self.structure.groups[key].writers or (key,)
+
+    def activity(self, tracker: ActivityTracker) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """This window's hits and examples per prunable key (summed over writers)."""
+        recorded = set(tracker.keys())
+        hits: dict[str, torch.Tensor] = {}
+        examples: dict[str, int] = {}
+        for key in self._keys:
+            sources = [w for w in self.writers(key) if w in recorded]
+            if not sources:
+                continue
+            hits[key] = sum(tracker.window_hits(w) for w in sources)
+            examples[key] = sum(tracker.window_examples(w) for w in sources)
+        return hits, examples
+
+    def select_activity(self, tracker: ActivityTracker, kept: Mapping[str, Any]) -> None:
+        """Keep only the counters of kept units (current indexing) after a prune."""
+        for key, idx in kept.items():
+            for writer in self.writers(key):
+                tracker.select(writer, idx)
+
+    def total_hits(self, tracker: ActivityTracker | None = None) -> dict[str, list[int]]:
+        """Hits per kept unit since the start, per key (empty without a tracker)."""
+        if tracker is None:
+            return {}
+        recorded = set(tracker.keys())
+        out = {}
+        for key in self._keys:
+            sources = [w for w in self.writers(key) if w in recorded]
+            if sources:
+                out[key] = [int(v) for v in sum(tracker.total_hits(w) for w in sources)]
+        return out
+
+    def total_examples(self, tracker: ActivityTracker) -> dict[str, int]:
+        """Examples seen since the start, per key (the base of :meth:`total_hits`)."""
+        recorded = set(tracker.keys())
+        return {key: sum(tracker.total_examples(w) for w in self.writers(key) if w in recorded)
+                for key in self._keys if any(w in recorded for w in self.writers(key))}
+
+    def observe_batch(self, n: int) -> None:
+        """Count training examples seen (for the report)."""
+        self.examples += n
+
+    # ------------------------------------------------------------------ surgery
+    def prune(self, model: nn.Module, kept: Mapping[str, Any], *, optimizer: Any = None,
+              compensate: bool = True) -> Plan:
+        """Shrink ``model`` to ``kept`` (current indexing), update structure and plan."""
+        step = make_plan(self.structure, {k: [int(i) for i in v] for k, v in kept.items()})
+        means = self.means if compensate and self.means is not None else None
+        apply_plan(model, step, optimizer=optimizer, compensation=means)
+        self.structure = restrict(self.structure, step)
+        self.plan = self.plan.then(step)
+        return step
+
+    def reset_means(self) -> None:
+        """Start measuring means afresh (a new window)."""
+        if self.means is not None:
+            self.means.reset()
+
+    def pause_means(self, paused: bool) -> None:
+        """Stop (or resume) recording means, e.g. around evaluation."""
+        if self.means is not None:
+            self.means.enabled = not paused
+
+    def detach_means(self, model: nn.Module | None = None) -> None:
+        """Remove every means hook (also those copied into a restored model)."""
+        if self.means is not None:
+            self.means.close()
+        if model is not None:
+            _strip_means_hooks(model)
+
+    # ------------------------------------------------------------------ rollback
+    def state(self) -> dict[str, Any]:
+        """What :meth:`restore` needs to go back to this point."""
+        return {"structure": copy.deepcopy(self.structure), "plan": copy.deepcopy(self.plan)}
+
+    def restore(self, state: Mapping[str, Any], model: nn.Module) -> None:
+        """Return to ``state``; ``model`` is the restored copy, measured from now on."""
+        self.structure = state["structure"]
+        self.plan = state["plan"]
+        if self.means is not None:
+            self.means.close()
+            _strip_means_hooks(model)
+            self.means = ActivationMeans(model, self._consumers(model))
+
+    def state_for(self, plan: Plan) -> dict[str, Any]:
+        """The :meth:`state` of this run at the point where ``plan`` had been applied."""
+        return {"structure": restrict(self.original_structure, plan), "plan": plan}
+
+    def replay(self, model: nn.Module, plan: Plan, *, update: bool = True) -> None:
+        """Apply a cumulative ``plan`` to the full-size ``model`` (resuming a run); with
+        ``update``, this run's structure and plan become those after ``plan``."""
+        if not plan.is_empty():
+            apply_plan(model, plan)
+        if update:
+            self.structure = restrict(self.original_structure, plan)
+            self.plan = plan
+
+    # ------------------------------------------------------------------ helpers
+    def _choose_keys(self) -> list[str]:
+        patterns = list(self.cfg.include or [])
+        keys = []
+        for key, group in self.structure.groups.items():
+            if patterns and not any(fnmatchcase(key, p) or fnmatchcase(group.module, p)
+                                    for p in patterns):
+                continue
+            keys.append(key)
+        return keys
+
+    def _consumers(self, model: nn.Module) -> list[str]:
+        modules = dict(model.named_modules())
+        names = {m.module for g in self.structure.groups.values() for m in g.members
+                 if m.role == ROLE_IN}
+        return sorted(n for n in names if isinstance(modules.get(n), (nn.Linear, nn.Conv2d, nn.LSTM)))
+
+
+def _strip_means_hooks(model: nn.Module) -> None:
+    for module in model.modules():
+        hooks = module._forward_pre_hooks
+        for handle_id in [h for h, fn in hooks.items() if _is_means_hook(fn)]:
+            del hooks[handle_id]
+
+
+def _is_means_hook(fn: Any) -> bool:
+    return "ActivationMeans._hook" in getattr(fn, "__qualname__", "")
+

@@ -1,0 +1,387 @@
+"""The fine-tune loop: meProp + activity + the meSimp rule + surgery, window by window.
+
+A run is a list of phases (``schedule.cycle_plan``): pruning cycles train under meProp and
+apply the rule after every window; normal cycles train without pruning (densely by default);
+recovery epochs close the run. Optionally the loss adds distillation from the original model,
+and ``max_drop`` rolls back a prune whose metric falls too far. Progress goes out as events.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import tasks
+from .activity import ActivityTracker
+from .batches import batch_size, count_batches, split_batch, to_device
+from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .config import CompressConfig
+from .errors import NonFiniteLossError, ShapeError
+from .events import EventSink, emit
+from .meprop import apply_meprop, remove_meprop, set_k
+from .plan import Plan
+from .schedule import Phase, Rule, cycle_plan, decide
+from .simplify import Simplifier
+
+
+@dataclass
+class WindowRecord:
+    """What one window did: its mean loss, the eval metric, widths after it, what it pruned."""
+
+    phase: str
+    cycle: int
+    epoch: int
+    window: int
+    step: int
+    loss: float
+    metric: float | None
+    widths: dict[str, int]
+    pruned: dict[str, list[int]] = field(default_factory=dict)  # key -> [before, after]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Rollback:
+    """A prune undone by the accuracy guard."""
+
+    window: int
+    keys: list[str]
+    metric: float
+    threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FineTuneResult:
+    """The compressed model (meProp removed), kept units in original indexing, history."""
+
+    model: nn.Module
+    kept: dict[str, list[int]]
+    history: list[WindowRecord]
+    rollbacks: list[Rollback]
+    metric_before: float
+    metric_after: float
+    hits: dict[str, list[int]]
+    examples: dict[str, int]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.device) -> float:
+    """The metric over all of ``data`` (sum over batches / count)."""
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    for batch in data:
+        inputs, targets = split_batch(batch, where="eval data")
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
+        s, c = tasks.metric_value(metric(model(*inputs), targets), batch_size(inputs))
+        total += s
+        count += c
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+class FineTuner:
+    """Runs the phases of one compression on a working copy of the model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module | None,
+        train: Iterable[Any],
+        eval_data: Iterable[Any],
+        simplifier: Simplifier,
+        config: CompressConfig,
+        *,
+        loss: Any = None,
+        metric: Any = None,
+        sink: EventSink | None = None,
+        checkpoint: Checkpointer | None = None,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg = config
+        self.checkpointer = checkpoint
+        self.resume = resume
+        self.epoch_rngs: list[dict[str, Any]] = []
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
+        self.teacher = teacher.to(self.device).eval() if teacher is not None and config.distill > 0 else None
+        self.train_data, self.eval_data = train, eval_data
+        self.simp = simplifier
+        self.loss_fn = loss or tasks.cross_entropy
+        self.metric_fn = metric or tasks.accuracy
+        self.sink = sink
+        self.rule = Rule(config.prune_rate, config.min_width, config.round_to)
+        self.tracker = ActivityTracker()
+        self.history: list[WindowRecord] = []
+        self.rollbacks: list[Rollback] = []
+        self.frozen: set[str] = set()
+        self.step = 0
+        self.window_index = 0
+        self.n_batches = count_batches(train, where="train data")
+        self.window_batches = max(1, round(config.window * self.n_batches))
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> FineTuneResult:
+        """Run every phase (from the checkpoint, when resuming) and return the compressed model."""
+        self.wrapped = apply_meprop(
+            self.model, self.cfg.k, mode=self.cfg.mode, sparse_bias=self.cfg.sparse_bias,
+            include=self.cfg.include or None, exclude=self.cfg.exclude or None,
+            output_layer=self.simp.output_layer, tracker=self.tracker,
+        )
+        self.optimizer = self._make_optimizer()
+        self._guard: dict[str, Any] | None = None
+        start_epoch, start_batch, rng = 0, 0, None
+        if self.resume is not None:
+            start_epoch, start_batch, rng = self._restore(self.resume)
+            emit(self.sink, "resumed", epoch=start_epoch, batch=start_batch,
+                 window=self.window_index, widths=self.simp.widths())
+        else:
+            self.metric_before = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
+        emit(self.sink, "baseline", metric=self.metric_before, widths=self.simp.widths())
+        phases = cycle_plan(self.cfg.cycles, self.cfg.epochs, self.cfg.recovery_epochs)
+        total_epochs = sum(p.epochs for p in phases)
+        epoch_no = 0
+        for phase in phases:
+            if epoch_no + phase.epochs <= start_epoch:
+                epoch_no += phase.epochs
+                continue
+            self._enter(phase)
+            for _ in range(phase.epochs):
+                if epoch_no >= start_epoch:
+                    resuming = epoch_no == start_epoch and rng is not None
+                    self._epoch(phase, epoch_no, total_epochs,
+                                skip=start_batch if resuming else 0, rng=rng if resuming else None)
+                epoch_no += 1
+        remove_meprop(self.model)
+        self.simp.detach_means(self.model)
+        metric_after = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
+        emit(self.sink, "done", metric_before=self.metric_before, metric_after=metric_after,
+             widths=self.simp.widths())
+        return FineTuneResult(
+            model=self.model, kept=self.simp.kept_original(), history=self.history,
+            rollbacks=self.rollbacks, metric_before=self.metric_before, metric_after=metric_after,
+            hits=self.simp.total_hits(self.tracker),
+            examples=self.simp.total_examples(self.tracker),
+        )
+
+    # ------------------------------------------------------------------ phases
+    def _enter(self, phase: Phase) -> None:
+        dense = phase.kind == "normal" and self.cfg.normal_backprop == "dense"
+        set_k(self.model, None if dense else self.cfg.k)
+        self.tracker.reset_window()
+        self.simp.reset_means()
+        emit(self.sink, "phase", phase=phase.kind, cycle=phase.cycle, epochs=phase.epochs)
+
+    def _epoch(self, phase: Phase, epoch: int, total_epochs: int, *, skip: int = 0,
+               rng: dict[str, Any] | None = None) -> None:
+        """One pass over the train data; when resuming, replay its order up to batch ``skip``."""
+        self.model.train()
+        if rng is not None and skip > 0:
+            set_rng_state(self.epoch_rngs[epoch])  # the same shuffle as the interrupted epoch
+        else:
+            if rng is not None:
+                set_rng_state(rng)
+            del self.epoch_rngs[epoch:]
+            self.epoch_rngs.append(rng_state())
+        emit(self.sink, "epoch_start", epoch=epoch, epochs=total_epochs, phase=phase.kind,
+             batches=self.n_batches, skipped=skip)
+        running, seen, in_window = 0.0, 0, 0
+        for i, batch in enumerate(self.train_data):
+            if i < skip:
+                if i == skip - 1 and rng is not None:
+                    set_rng_state(rng)  # the generators as they were at the checkpoint
+                continue
+            loss = self._train_step(batch, epoch)
+            running += loss
+            seen += 1
+            in_window += 1
+            last = i == self.n_batches - 1
+            if in_window == self.window_batches or last:
+                self._end_window(phase, epoch, running / seen)
+                running, seen, in_window = 0.0, 0, 0
+                self._checkpoint(epoch + 1 if last else epoch, 0 if last else i + 1)
+            emit(self.sink, "step", epoch=epoch, batch=i + 1, batches=self.n_batches, loss=loss)
+
+    def _train_step(self, batch: Any, epoch: int) -> float:
+        inputs, targets = split_batch(batch, where="train data")
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        self.simp.observe_batch(batch_size(inputs))
+        outputs = self.model(*inputs)
+        loss = self.loss_fn(outputs, targets)
+        if self.teacher is not None:
+            with torch.no_grad():
+                reference = self.teacher(*inputs)
+            loss = loss + self.cfg.distill * tasks.distillation(
+                outputs, reference, targets, self.cfg.temperature)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"loss became {value} at epoch {epoch}, window {self.window_index}, step {self.step}; "
+                "lower the learning rate or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return value
+
+    # ------------------------------------------------------------------ windows
+    def _end_window(self, phase: Phase, epoch: int, loss: float) -> None:
+        pruned: dict[str, list[int]] = {}
+        if phase.kind == "prune":
+            pruned = self._prune()
+        self.simp.pause_means(True)
+        metric = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
+        self.simp.pause_means(False)
+        record = WindowRecord(phase.kind, phase.cycle, epoch, self.window_index, self.step, loss,
+                              metric, self.simp.widths(), pruned)
+        self.history.append(record)
+        emit(self.sink, "window", **record.to_dict())
+        self._check_guard(metric)
+        self.window_index += 1
+
+    def _prune(self) -> dict[str, list[int]]:
+        self.tracker.all_reduce()
+        hits, examples = self.simp.activity(self.tracker)
+        kept = decide(hits, examples, self.rule, frozen=self.frozen, tied=self.simp.tied())
+        self.tracker.reset_window()
+        if not kept:
+            self.simp.reset_means()
+            return {}
+        if self.cfg.max_drop is not None and self._guard is None:
+            self._guard = {"snapshot": self._snapshot(), "keys": sorted(kept), "age": 0}
+        before = self.simp.widths()
+        self.simp.prune(self.model, kept, optimizer=self.optimizer, compensate=self.cfg.compensate)
+        self.simp.select_activity(self.tracker, kept)
+        self.simp.reset_means()
+        after = self.simp.widths()
+        pruned = {k: [before[k], after[k]] for k in kept}
+        emit(self.sink, "prune", window=self.window_index, pruned=pruned)
+        return pruned
+
+    # ------------------------------------------------------------------ accuracy guard
+    def _snapshot(self) -> dict[str, Any]:
+        memo = {id(self.tracker): self.tracker}
+        if self.teacher is not None:
+            memo[id(self.teacher)] = self.teacher
+        return {
+            "model": copy.deepcopy(self.model, memo),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "tracker": copy.deepcopy(self.tracker.state_dict()),
+            "bench": self.simp.state(),
+        }
+
+    def _check_guard(self, metric: float) -> None:
+        guard = self._guard
+        if guard is None:
+            return
+        guard["age"] += 1
+        if guard["age"] < self.cfg.recovery_windows:
+            return
+        self._guard = None
+        threshold = self.metric_before - float(self.cfg.max_drop)
+        if metric >= threshold:
+            return
+        snap = guard["snapshot"]
+        self.model = snap["model"]
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.tracker.load_state_dict(snap["tracker"])
+        self.simp.restore(snap["bench"], self.model)
+        self.frozen.update(guard["keys"])
+        rollback = Rollback(self.window_index, guard["keys"], metric, threshold)
+        self.rollbacks.append(rollback)
+        emit(self.sink, "rollback", **rollback.to_dict())
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, epoch: int, batch: int) -> None:
+        """Save everything needed to continue from (epoch, batch): called after every window."""
+        if self.checkpointer is None:
+            return
+        guard = None
+        if self._guard is not None:
+            snap = self._guard["snapshot"]
+            guard = {"keys": self._guard["keys"], "age": self._guard["age"],
+                     "plan": snap["bench"]["plan"].to_dict(), "model": _cpu_state(snap["model"]),
+                     "optimizer": snap["optimizer"], "tracker": snap["tracker"]}
+        self.checkpointer.save({
+            "config": self.cfg.to_dict(),
+            "epoch": epoch, "batch": batch, "window": self.window_index, "step": self.step,
+            "plan": self.simp.plan.to_dict(),
+            "model": _cpu_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "history": [r.to_dict() for r in self.history],
+            "rollbacks": [r.to_dict() for r in self.rollbacks],
+            "frozen": sorted(self.frozen),
+            "metric_before": self.metric_before,
+            "examples": self.simp.examples,
+            "guard": guard,
+            "epoch_rngs": self.epoch_rngs,
+            "rng": rng_state(),
+        })
+        emit(self.sink, "checkpoint", epoch=epoch, batch=batch, window=self.window_index)
+
+    def _restore(self, state: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+        """Bring the freshly wrapped full-size model to the checkpoint; return the position."""
+        pristine = copy.deepcopy(self.model) if state.get("guard") else None
+        self.simp.replay(self.model, Plan.from_dict(state["plan"]))
+        self.model.load_state_dict(state["model"])
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.history = [WindowRecord(**r) for r in state["history"]]
+        self.rollbacks = [Rollback(**r) for r in state["rollbacks"]]
+        self.frozen = set(state["frozen"])
+        self.metric_before = float(state["metric_before"])
+        self.simp.examples = int(state["examples"])
+        self.step, self.window_index = int(state["step"]), int(state["window"])
+        self.epoch_rngs = list(state["epoch_rngs"])
+        guard = state.get("guard")
+        if guard and pristine is not None:
+            plan = Plan.from_dict(guard["plan"])
+            bench = self.simp.state_for(plan)
+            self.simp.replay(pristine, plan, update=False)
+            pristine.load_state_dict(guard["model"])
+            self._guard = {"keys": list(guard["keys"]), "age": int(guard["age"]),
+                           "snapshot": {"model": pristine, "optimizer": guard["optimizer"],
+                                        "tracker": guard["tracker"], "bench": bench}}
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        for e in range(min(epoch, len(self.epoch_rngs))):  # replay finished epochs' data order
+            set_rng_state(self.epoch_rngs[e])
+            for _ in self.train_data:
+                pass
+        return epoch, batch, state["rng"]
+
+    # ------------------------------------------------------------------ helpers
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ShapeError("the model has no trainable parameters")
+        cfg = self.cfg
+        if cfg.sparse_update:
+            from .optim import RowSparseAdam, RowSparseSGD
+
+            if cfg.optimizer == "sgd":
+                return RowSparseSGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+            return RowSparseAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
