@@ -53,11 +53,26 @@ def compress(
     max_drop: float | None = typer.Option(None, "--max-drop", help="Roll back a prune whose metric drops more than this."),
     quantize: bool | None = typer.Option(None, "--quantize/--no-quantize", help="Also time an int8 (dynamic) model."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    nproc: int = typer.Option(1, "--nproc", help="Fine-tune on N local worker processes (torchrun, DDP: gloo on CPU, nccl on CUDA)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last window checkpoint (same settings)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
+    import os
+    import subprocess
+    import sys
+
     from mesimp_compress.api import compress as run
+    from mesimp_compress.distributed import launch_command
+    from mesimp_compress.errors import ConfigError
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-launch this command under torchrun
+        argv = _without_nproc(sys.argv[1:])
+        raise typer.Exit(subprocess.call(launch_command(nproc, argv)))
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks of a torchrun job stay silent
+        quiet, as_json = True, False
     from mesimp_compress.config import CompressConfig, read_toml
     from mesimp_compress.sources import load_data
     from mesimp_compress.spec import load_factory, load_object, load_weights
@@ -101,6 +116,18 @@ def compress(
         console.print(f"wrote {result.out}")
     if report.get("status") == "failed":
         raise typer.Exit(1)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _parse_k(text: str | None) -> int | float | str | None:

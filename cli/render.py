@@ -135,10 +135,11 @@ def summary_table(report: dict[str, Any]) -> list[Table]:
     latency = report.get("latency", {}).get("rows", [])
     if latency:
         lat = Table(title="onnxruntime latency (ms, median / p90)", title_justify="left")
-        for col in ("batch", "original", "compressed", "speedup"):
+        for col in ("threads", "batch", "original", "compressed", "speedup"):
             lat.add_column(col, justify="right")
         for row in latency:
-            lat.add_row(str(row["batch"]), f"{row['original_median_ms']:.3f} / {row['original_p90_ms']:.3f}",
+            lat.add_row(str(row.get("threads", "")), str(row["batch"]),
+                        f"{row['original_median_ms']:.3f} / {row['original_p90_ms']:.3f}",
                         f"{row['compressed_median_ms']:.3f} / {row['compressed_p90_ms']:.3f}",
                         f"{row['speedup']:.2f}x")
         tables.append(lat)

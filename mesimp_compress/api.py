@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .batches import first_batch, split_batch, to_device
 from .config import CompressConfig
+from .meprop.functions import sync_selection
 from .errors import CheckpointError, ConfigError, DataError, ShapeError
 from .events import EventSink, emit
 from .outputs import OutputDir
@@ -67,23 +69,48 @@ def compress(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     output = OutputDir(out, force=force) if out is not None else None  # refuse early
     checkpointer, state = _checkpoint(out, checkpoint_dir, resume, cfg, sink)
+    _device(cfg.device)
+    world, device_name = distributed.setup(cfg.device)
+    try:
+        if device_name != cfg.device:
+            cfg = cfg.replace(device=device_name)
+        if world.distributed:
+            if cfg.sparse_update:
+                raise ConfigError("sparse_update cannot be combined with distributed training: "
+                                  "row gradients would bypass DDP's all-reduce")
+            train = distributed.Shard(train, world.rank, world.size)
+        if not world.is_main:  # only rank 0 writes files
+            output = checkpointer = None
+        return _run(model, train, eval, cfg, loss, metric, output, checkpointer, state, sink,
+                    factory, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _run(model: nn.Module, train: Iterable[Any], eval_data: Iterable[Any], cfg: CompressConfig,
+         loss: Any, metric: Any, output: OutputDir | None, checkpointer: Any,
+         state: dict[str, Any] | None, sink: EventSink | None, factory: str | None,
+         world: distributed.World) -> CompressResult:
     _seed(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
 
     example_inputs, _ = first_batch(train, where="train data")
-    first_batch(eval, where="eval data")
+    first_batch(eval_data, where="eval data")
     original = copy.deepcopy(model).to(device).eval()
     working = copy.deepcopy(model).to(device)
     _check_forward(original, to_device(example_inputs, device), train, loss, metric)
 
     simplifier = Simplifier.build(working, to_device(example_inputs, device), cfg)
     emit(sink, "structure", groups=simplifier.widths(), skipped=simplifier.skipped())
-    tuner = FineTuner(working, original if cfg.distill > 0 else None, train, eval, simplifier,
-                      cfg, loss=loss, metric=metric, sink=sink, checkpoint=checkpointer,
-                      resume=state)
-    tuned = tuner.run()
+    tuner = FineTuner(working, original if cfg.distill > 0 else None, train, eval_data,
+                      simplifier, cfg, loss=loss, metric=metric, sink=sink,
+                      checkpoint=checkpointer, resume=state, world=world)
+    try:
+        tuned = tuner.run()
+    finally:
+        sync_selection(False)
     plan = simplifier.final_plan()
     result = CompressResult(
         model=tuned.model, plan=plan, history=tuned.history, rollbacks=tuned.rollbacks,
@@ -95,7 +122,7 @@ def compress(
 
         result.report = export_and_verify(
             output, original=original, compressed=tuned.model, example_inputs=example_inputs,
-            eval_data=eval, plan=plan, config=cfg, tuned=tuned, skipped=result.skipped,
+            eval_data=eval_data, plan=plan, config=cfg, tuned=tuned, skipped=result.skipped,
             metric=metric, sink=sink, factory=factory,
         )
         result.out = output.path

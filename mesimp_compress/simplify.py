@@ -159,6 +159,8 @@ class Simplifier:
         """Shrink ``model`` to ``kept`` (current indexing), update structure and plan."""
         step = make_plan(self.structure, {k: [int(i) for i in v] for k, v in kept.items()})
         means = self.means if compensate and self.means is not None else None
+        if means is not None:
+            means.all_reduce()
         apply_plan(model, step, optimizer=optimizer, compensation=means)
         self.structure = restrict(self.structure, step)
         self.plan = self.plan.then(step)

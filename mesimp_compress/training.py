@@ -9,6 +9,7 @@ and ``max_drop`` rolls back a prune whose metric falls too far. Progress goes ou
 from __future__ import annotations
 
 import copy
+import gc
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,9 +23,11 @@ from .activity import ActivityTracker
 from .batches import batch_size, count_batches, split_batch, to_device
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import CompressConfig
+from .distributed import World, wrap
 from .errors import NonFiniteLossError, ShapeError
 from .events import EventSink, emit
 from .meprop import apply_meprop, remove_meprop, set_k
+from .meprop.functions import sync_selection
 from .plan import Plan
 from .schedule import Phase, Rule, cycle_plan, decide
 from .simplify import Simplifier
@@ -108,8 +111,10 @@ class FineTuner:
         sink: EventSink | None = None,
         checkpoint: Checkpointer | None = None,
         resume: dict[str, Any] | None = None,
+        world: World | None = None,
     ) -> None:
         self.cfg = config
+        self.world = world or World()
         self.checkpointer = checkpoint
         self.resume = resume
         self.epoch_rngs: list[dict[str, Any]] = []
@@ -140,6 +145,8 @@ class FineTuner:
             output_layer=self.simp.output_layer, tracker=self.tracker,
         )
         self.optimizer = self._make_optimizer()
+        self.net = wrap(self.model, self.world, self.device)
+        sync_selection(self.world.distributed)
         self._guard: dict[str, Any] | None = None
         start_epoch, start_batch, rng = 0, 0, None
         if self.resume is not None:
@@ -163,6 +170,7 @@ class FineTuner:
                     self._epoch(phase, epoch_no, total_epochs,
                                 skip=start_batch if resuming else 0, rng=rng if resuming else None)
                 epoch_no += 1
+        sync_selection(False)
         remove_meprop(self.model)
         self.simp.detach_means(self.model)
         metric_after = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
@@ -217,7 +225,7 @@ class FineTuner:
         inputs, targets = split_batch(batch, where="train data")
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         self.simp.observe_batch(batch_size(inputs))
-        outputs = self.model(*inputs)
+        outputs = self.net(*inputs)
         loss = self.loss_fn(outputs, targets)
         if self.teacher is not None:
             with torch.no_grad():
@@ -262,7 +270,11 @@ class FineTuner:
         if self.cfg.max_drop is not None and self._guard is None:
             self._guard = {"snapshot": self._snapshot(), "keys": sorted(kept), "age": 0}
         before = self.simp.widths()
+        if self.net is not self.model:  # DDP holds the old gradient accumulators: let them go
+            self.net = self.model
+            gc.collect()
         self.simp.prune(self.model, kept, optimizer=self.optimizer, compensate=self.cfg.compensate)
+        self.net = wrap(self.model, self.world, self.device)  # DDP buckets follow the new shapes
         self.simp.select_activity(self.tracker, kept)
         self.simp.reset_means()
         after = self.simp.widths()
@@ -299,6 +311,7 @@ class FineTuner:
         self.optimizer.load_state_dict(snap["optimizer"])
         self.tracker.load_state_dict(snap["tracker"])
         self.simp.restore(snap["bench"], self.model)
+        self.net = wrap(self.model, self.world, self.device)
         self.frozen.update(guard["keys"])
         rollback = Rollback(self.window_index, guard["keys"], metric, threshold)
         self.rollbacks.append(rollback)
@@ -341,6 +354,7 @@ class FineTuner:
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
+        self.net = wrap(self.model, self.world, self.device)
         self.history = [WindowRecord(**r) for r in state["history"]]
         self.rollbacks = [Rollback(**r) for r in state["rollbacks"]]
         self.frozen = set(state["frozen"])

@@ -9,8 +9,26 @@ import torch
 from .settings import MePropSettings
 
 
+_SYNC: dict[str, object] = {"on": False, "group": None}
+
+
+def sync_selection(on: bool, group: object = None) -> None:
+    """Under data parallelism, make unified top-k pick the units of the *global* batch: the
+    per-unit scores are summed over the ranks of ``group`` before the top-k, so every rank
+    selects the same k units, exactly as one process with the whole batch would. It costs one
+    all-reduce of ``width`` floats per layer per backward (per time step for an LSTM). Every
+    rank must then run the same backward passes in the same order (as under DDP)."""
+    _SYNC["on"], _SYNC["group"] = bool(on), group
+
+
 def unified_units(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest entries of ``score`` (one per unit), unsorted."""
+    if _SYNC["on"]:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            score = score.contiguous()
+            dist.all_reduce(score, group=_SYNC["group"])
     return score.topk(k, sorted=False).indices
 
 

@@ -97,6 +97,13 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
         self._sums.clear()
         self._counts.clear()
 
+    def all_reduce(self) -> None:
+        """Sum the running sums and counts over torch.distributed ranks (no-op when not
+        initialised), so every rank compensates with the same means."""
+        from ..distributed import all_reduce_means
+
+        all_reduce_means(self._sums, self._counts)
+
     def close(self) -> None:
         """Remove the hooks; the means measured so far stay readable."""
         for handle in self._handles:
