@@ -117,7 +117,7 @@ class FineTuner:
         self.world = world or World()
         self.checkpointer = checkpoint
         self.resume = resume
-        self.epoch_rngs: list[dict[str, Any]] = []
+        self.epoch_rng: dict[str, Any] | None = None  # generators at the start of this epoch
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
         self.teacher = teacher.to(self.device).eval() if teacher is not None and config.distill > 0 else None
@@ -196,12 +196,11 @@ class FineTuner:
         """One pass over the train data; when resuming, replay its order up to batch ``skip``."""
         self.model.train()
         if rng is not None and skip > 0:
-            set_rng_state(self.epoch_rngs[epoch])  # the same shuffle as the interrupted epoch
+            set_rng_state(self.epoch_rng)  # the same shuffle as the interrupted epoch
         else:
             if rng is not None:
                 set_rng_state(rng)
-            del self.epoch_rngs[epoch:]
-            self.epoch_rngs.append(rng_state())
+            self.epoch_rng = rng_state()
         emit(self.sink, "epoch_start", epoch=epoch, epochs=total_epochs, phase=phase.kind,
              batches=self.n_batches, skipped=skip)
         running, seen, in_window = 0.0, 0, 0
@@ -341,7 +340,7 @@ class FineTuner:
             "metric_before": self.metric_before,
             "examples": self.simp.examples,
             "guard": guard,
-            "epoch_rngs": self.epoch_rngs,
+            "epoch_rng": self.epoch_rng,
             "rng": rng_state(),
         })
         emit(self.sink, "checkpoint", epoch=epoch, batch=batch, window=self.window_index)
@@ -361,7 +360,7 @@ class FineTuner:
         self.metric_before = float(state["metric_before"])
         self.simp.examples = int(state["examples"])
         self.step, self.window_index = int(state["step"]), int(state["window"])
-        self.epoch_rngs = list(state["epoch_rngs"])
+        self.epoch_rng = state["epoch_rng"]
         guard = state.get("guard")
         if guard and pristine is not None:
             plan = Plan.from_dict(guard["plan"])
@@ -372,8 +371,7 @@ class FineTuner:
                            "snapshot": {"model": pristine, "optimizer": guard["optimizer"],
                                         "tracker": guard["tracker"], "bench": bench}}
         epoch, batch = int(state["epoch"]), int(state["batch"])
-        for e in range(min(epoch, len(self.epoch_rngs))):  # replay finished epochs' data order
-            set_rng_state(self.epoch_rngs[e])
+        for _ in range(epoch):  # advance loaders that keep their own generator past those epochs
             for _ in self.train_data:
                 pass
         return epoch, batch, state["rng"]
