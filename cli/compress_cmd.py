@@ -51,6 +51,14 @@ def compress(
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
     batches: str | None = typer.Option(None, "--batches", help="Benchmark batch sizes, e.g. 1,8,64."),
     max_drop: float | None = typer.Option(None, "--max-drop", help="Roll back a prune whose metric drops more than this."),
+    sparse_update: bool | None = typer.Option(
+        None, "--sparse-update/--dense-update",
+        help="Row-sparse optimizer step: only rows that got a gradient move (faster; lazy moments).",
+    ),
+    compensate: bool | None = typer.Option(
+        None, "--compensate/--no-compensate",
+        help="Fold removed units' mean contribution into the next layer's bias.",
+    ),
     quantize: bool | None = typer.Option(None, "--quantize/--no-quantize", help="Also time an int8 (dynamic) model."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     nproc: int = typer.Option(1, "--nproc", help="Fine-tune on N local worker processes (torchrun, DDP: gloo on CPU, nccl on CUDA)."),
@@ -86,7 +94,7 @@ def compress(
         "optimizer": optimizer, "distill": distill, "min_width": min_width, "round_to": round_to,
         "include": include or None, "exclude": exclude or None, "device": device,
         "threads": threads, "seed": seed, "batches": batches, "max_drop": max_drop,
-        "quantize": quantize,
+        "quantize": quantize, "sparse_update": sparse_update, "compensate": compensate,
     }
     values.update({key: v for key, v in flags.items() if v is not None})
     cfg = CompressConfig.from_dict(values, source=str(config) if config else "flags")
