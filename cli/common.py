@@ -8,8 +8,17 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from mesimp_compress.errors import MesimpError
+
+try:  # Typer >= 0.20 vendors Click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older Typer on top of Click
+    from click.exceptions import UsageError
+
+    NoArgsIsHelpError = ()  # type: ignore[assignment,misc]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -26,7 +35,8 @@ def one_line(message: str) -> str:
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
     """Print ``error: message`` on stderr as one line and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False,
+                      soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -45,3 +55,18 @@ def handle_errors(func: F) -> F:
             raise fail("interrupted", code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class OneLineGroup(TyperGroup):
+    """The root command: a subcommand's usage error (bad flag value, unknown option) is one
+    line on stderr with exit code 2, like every other user error."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as exc:
+            where = getattr(exc.ctx, "command_path", None)
+            hint = f" (see '{where} --help')" if where else ""
+            raise fail(f"{exc.format_message()}{hint}", code=exc.exit_code) from None

@@ -16,7 +16,7 @@ from . import distributed
 from .batches import first_batch, split_batch, to_device
 from .config import CompressConfig
 from .meprop.functions import sync_selection
-from .errors import CheckpointError, ConfigError, DataError, ShapeError
+from .errors import CheckpointError, ConfigError, DataError, ParityError, ShapeError
 from .events import EventSink, emit
 from .outputs import OutputDir
 from .simplify import Simplifier
@@ -120,11 +120,16 @@ def _run(model: nn.Module, train: Iterable[Any], eval_data: Iterable[Any], cfg: 
     if output is not None:
         from .pipeline import export_and_verify
 
-        result.report = export_and_verify(
-            output, original=original, compressed=tuned.model, example_inputs=example_inputs,
-            eval_data=eval_data, plan=plan, config=cfg, tuned=tuned, skipped=result.skipped,
-            metric=metric, sink=sink, factory=factory,
-        )
+        try:
+            result.report = export_and_verify(
+                output, original=original, compressed=tuned.model,
+                example_inputs=example_inputs, eval_data=eval_data, plan=plan, config=cfg,
+                tuned=tuned, skipped=result.skipped, metric=metric, sink=sink, factory=factory,
+            )
+        except ParityError:
+            if checkpointer is not None:  # the folder is published (marked failed): done
+                checkpointer.clear()
+            raise
         result.out = output.path
     if checkpointer is not None:
         checkpointer.clear()
@@ -196,8 +201,10 @@ def _check_forward(model: nn.Module, inputs: tuple[Any, ...], train: Iterable[An
     """Run the model and the loss on the first batch, so shape errors surface before training."""
     from . import tasks
 
+    # inputs and targets of one batch: a shuffled loader yields another first batch each pass
     batch = next(iter(train))
-    _, targets = split_batch(batch, where="train data")
+    batch_inputs, targets = split_batch(batch, where="train data")
+    inputs = to_device(batch_inputs, next(model.parameters()).device)
     targets = to_device(targets, next(model.parameters()).device)
     try:
         with torch.no_grad():

@@ -23,6 +23,7 @@ else:  # pragma: no cover - Python 3.10
 MODES = ("unified", "per_example")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 NORMAL_BACKPROP = ("dense", "meprop")
+MAX_THREADS = 1024  # OpenMP tries to allocate a pool for any count: 10**9 aborts the process
 
 
 @dataclass
@@ -103,9 +104,9 @@ class CompressConfig:
             _range("max_drop", self.max_drop, 0.0, math.inf, low_open=False)
         _int_min("recovery_windows", self.recovery_windows, 1)
         if self.threads is not None:
-            _int_min("threads", self.threads, 1)
-        _int_min("seed", self.seed, 0)
-        _int_min("bench_threads", self.bench_threads, 1)
+            _int_min("threads", self.threads, 1, MAX_THREADS)
+        _int_min("seed", self.seed, 0, 2**32 - 1)  # NumPy's seed range
+        _int_min("bench_threads", self.bench_threads, 1, MAX_THREADS)
         if not self.batches or any(not _is_int(b) or b < 1 for b in self.batches):
             raise ConfigError(f"batches must be a non-empty list of positive ints, got {self.batches!r}")
         for name in ("include", "exclude"):
@@ -245,6 +246,8 @@ def _range(name: str, value: Any, low: float, high: float, *, low_open: bool) ->
         raise ConfigError(f"{name} must lie in {bracket}{low}, {high}], got {value!r}")
 
 
-def _int_min(name: str, value: Any, low: int) -> None:
+def _int_min(name: str, value: Any, low: int, high: int | None = None) -> None:
     if not _is_int(value) or value < low:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} must be an integer <= {high}, got {value!r}")

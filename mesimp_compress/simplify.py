@@ -21,7 +21,7 @@ from torch import nn
 
 from .activity import ActivityTracker
 from .config import CompressConfig
-from .errors import UnsupportedStructureError
+from .errors import KError, UnsupportedStructureError
 from .graph import ROLE_IN, Group, Structure, find_groups
 from .meprop.apply import output_layer_of
 from .plan import Plan, make_plan
@@ -79,7 +79,21 @@ class Simplifier:
             raise UnsupportedStructureError(
                 f"no layer of this model can be pruned{hint}; left alone: {reasons}"
             )
+        simplifier._check_k()
         return simplifier
+
+    def _check_k(self) -> None:
+        """k >= width on every prunable layer would select every unit: nothing to learn from."""
+        from .meprop.settings import resolve_k
+
+        widths = self.widths()
+        ks = {key: resolve_k(self.cfg.k, width, key) for key, width in widths.items()}
+        if all(k is None or k >= widths[key] for key, k in ks.items()):
+            self.detach_means()
+            raise KError(
+                f"k={self.cfg.k!r} selects every unit of every prunable layer (widths "
+                f"{_brief(widths)}): nothing would be pruned; choose k below the widths"
+            )
 
     # ------------------------------------------------------------------ queries
     def widths(self) -> dict[str, int]:
@@ -238,3 +252,7 @@ def _strip_means_hooks(model: nn.Module) -> None:
 def _is_means_hook(fn: Any) -> bool:
     return "ActivationMeans._hook" in getattr(fn, "__qualname__", "")
 
+
+def _brief(widths: Mapping[str, int], limit: int = 4) -> str:
+    items = [f"{k}={v}" for k, v in widths.items()]
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")

@@ -1,0 +1,145 @@
+"""mc.compress / mc.load end to end on a tiny MLP: files, numbers, reload, safety, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import _tiny
+import pytest
+import torch
+
+import mesimp_compress as mc
+from mesimp_compress import api
+from mesimp_compress.config import CompressConfig
+from mesimp_compress.errors import ExportError, OutputExistsError
+from mesimp_compress.report import read_report
+
+torch.set_num_threads(1)
+
+CFG = CompressConfig(k=8, window=0.25, epochs=1, cycles=1, recovery_epochs=0, lr=1e-2,
+                     threads=1, batches=[1, 4], quantize=False, seed=3)
+FILES = {"model.onnx", "original.onnx", "plan.json", "weights.pt", "report.json"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _tiny.mlp_data()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data):
+    """One full compression with an output folder (export, proof, report), shared."""
+    root = tmp_path_factory.mktemp("api")
+    model = _tiny.mlp()
+    result = mc.compress(model, *data, config=CFG, out=root / "out")
+    return model, result, root / "out"
+
+
+@pytest.mark.slow
+def test_the_folder_holds_exactly_the_promised_files(run) -> None:
+    _, result, out = run
+    assert result.out == out
+    assert {p.name for p in out.iterdir() if p.is_file()} == FILES
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"plots"}
+    plots = list((out / "plots").iterdir())
+    assert plots and all(p.suffix == ".png" and p.stat().st_size > 1000 for p in plots)
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # no staging folder left beside it
+
+
+@pytest.mark.slow
+def test_report_numbers_agree_with_the_result(run) -> None:
+    _, result, out = run
+    report = read_report(out / "report.json")
+    assert report == json.loads(json.dumps(result.report))
+    assert report["status"] == "ok" and report["error"] is None
+    assert report["widths"] == {"0": {"before": 32, "after": result.widths["0"]},
+                                "2": {"before": 24, "after": result.widths["2"]}}
+    assert result.widths["0"] < 32 and result.widths["2"] < 24
+    metrics = report["metrics"]
+    assert metrics["torch_before"] == result.metric_before
+    assert metrics["torch_after"] == result.metric_after
+    assert metrics["ort_before"] == pytest.approx(result.metric_before, abs=1 / 64)
+    assert metrics["ort_after"] == pytest.approx(result.metric_after, abs=1 / 64)
+    assert {r["batch"] for r in report["latency"]["rows"]} == {1, 4}
+    assert len(report["extra"]["history"]) == len(result.history)
+    assert report["extra"]["history"][-1]["widths"] == result.widths
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["0"]["width_after"] == result.widths["0"]
+    assert rows["4"]["width_after"] == _tiny.CLASSES and rows["4"]["params_after"] == (
+        result.widths["2"] * _tiny.CLASSES + _tiny.CLASSES)
+
+
+@pytest.mark.slow
+def test_load_rebuilds_the_compressed_model_from_a_fresh_one(run, data) -> None:
+    _, result, out = run
+    rebuilt = mc.load(_tiny.mlp(), out).eval()
+    assert rebuilt[0].out_features == result.widths["0"]
+    x = torch.cat([b[0] for b in data[1]])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result.model.eval()(x))
+    assert json.loads((out / "plan.json").read_text())["kept"] == result.plan.kept
+
+
+@pytest.mark.slow
+def test_the_callers_model_is_unchanged(run) -> None:
+    model, _, _ = run
+    fresh = _tiny.mlp()
+    assert [m.out_features for m in model if hasattr(m, "out_features")] == [32, 24, 4]
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert type(model[0]) is torch.nn.Linear and not model[0]._forward_pre_hooks
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_plan_and_metrics(run, data) -> None:
+    _, first, _ = run
+    again = mc.compress(_tiny.mlp(), *data, config=CFG)
+    assert again.plan.to_dict() == first.plan.to_dict()
+    assert (again.metric_before, again.metric_after) == (first.metric_before, first.metric_after)
+    assert [r.to_dict() for r in again.history] == [r.to_dict() for r in first.history]
+
+
+class CountingData(list):
+    """A list of batches that counts how often it is iterated."""
+
+    passes = 0
+
+    def __iter__(self):
+        type(self).passes += 1
+        return super().__iter__()
+
+
+def test_a_non_empty_folder_is_refused_before_any_training(tmp_path, data) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    events = []
+    train = CountingData(data[0])
+    with pytest.raises(OutputExistsError, match="not empty"):
+        mc.compress(_tiny.mlp(), train, data[1], config=CFG, out=out, sink=events.append)
+    assert CountingData.passes == 0 and events == []
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_export_failure_leaves_no_folder_and_no_staging(tmp_path, data, monkeypatch) -> None:
+    from mesimp_compress import export
+
+    real = export.export_onnx
+    calls = []
+
+    def failing(model, inputs, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # original.onnx is already in the staging folder
+            raise ExportError("ONNX export failed in module 'x' (Test): refused")
+        return real(model, inputs, path, **kwargs)
+
+    monkeypatch.setattr(export, "export_onnx", failing)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="refused"):
+        api.compress(_tiny.mlp(), *data, config=CFG.replace(epochs=1, window=0.5), out=out)
+    assert len(calls) == 2 and calls[0].name == "original.onnx"
+    assert ".partial-" in str(calls[0].parent)  # it was written to the staging folder
+    assert not out.exists() and not calls[0].parent.exists()
+    # only the window checkpoint stays (for --resume); no staging folder, no half-written DIR
+    assert [p.name for p in tmp_path.iterdir()] in ([], [".out.checkpoint"])

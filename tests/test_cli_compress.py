@@ -1,0 +1,113 @@
+"""`mesimp compress` and `mesimp inspect` through the CLI on a tiny spec file."""
+
+from __future__ import annotations
+
+import json
+
+import _tiny
+import pytest
+import torch
+from mesimp_compress.cli.main import app
+from typer.testing import CliRunner
+
+from mesimp_compress.surgery import load_compressed
+
+torch.set_num_threads(1)
+runner = CliRunner()
+
+RECIPE = """\
+[compress]
+k = 4
+epochs = 1
+cycles = 1
+recovery-epochs = 0
+window = 0.25
+lr = 0.01
+seed = 7
+batches = [1, 4]
+"""
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """One CLI run: a recipe, flags overriding two of its keys, --json."""
+    root = tmp_path_factory.mktemp("cli")
+    recipe = root / "recipe.toml"
+    recipe.write_text(RECIPE)
+    out = root / "out"
+    result = runner.invoke(app, [
+        "compress", _tiny.spec("mlp"), "--data", _tiny.spec("mlp_data"), "--out", str(out),
+        "--config", str(recipe), "--k", "8", "--seed", "3", "--threads", "1", "--json",
+    ])
+    return result, out
+
+
+@pytest.mark.slow
+def test_compress_writes_the_folder_and_prints_json(compressed) -> None:
+    result, out = compressed
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok"
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "original.onnx", "plan.json",
+                                               "weights.pt", "report.json", "plots"}
+    assert report["extra"]["factory"] == _tiny.spec("mlp")
+    widths = report["widths"]
+    assert widths["0"]["before"] == 32 and 1 <= widths["0"]["after"] < 32
+    fresh = load_compressed(_tiny.mlp(), out)
+    assert fresh[0].out_features == widths["0"]["after"]
+    assert fresh[2].out_features == widths["2"]["after"]
+
+
+@pytest.mark.slow
+def test_flags_override_the_recipe(compressed) -> None:
+    result, _ = compressed
+    config = json.loads(result.stdout)["config"]
+    assert (config["k"], config["seed"], config["threads"]) == (8, 3, 1)  # flags
+    assert (config["epochs"], config["recovery_epochs"], config["window"]) == (1, 0, 0.25)
+    assert (config["lr"], config["batches"]) == (0.01, [1, 4])  # recipe
+    history = json.loads(result.stdout)["extra"]["history"]
+    assert len(history) == 8  # 8 batches, windows of 2, one pruning + one normal epoch
+
+
+@pytest.mark.slow
+def test_inspect_prints_the_saved_report(compressed) -> None:
+    _, out = compressed
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    report = json.loads((out / "report.json").read_text())
+    assert "status" in shown.stdout and "ok" in shown.stdout
+    assert "widths" in shown.stdout and "left alone" in shown.stdout
+    assert f"{report['widths']['0']['after']}" in shown.stdout
+    as_json = runner.invoke(app, ["inspect", str(out / "report.json"), "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout) == report
+
+
+def test_inspect_shows_a_failed_report_with_its_rollbacks(tmp_path) -> None:
+    report = {
+        "format": "mesimp-report", "version": 1, "status": "failed",
+        "error": "compressed: onnxruntime output 'output' differs", "layers": [],
+        "metrics": {"torch_before": 0.9, "torch_after": 0.8}, "skipped": [],
+        "extra": {"rollbacks": [{"window": 3, "keys": ["fc1"], "metric": 0.5,
+                                 "threshold": 0.85}]},
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    shown = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    for word in ("failed", "differs", "rollbacks", "fc1", "0.8500", "0.9000"):
+        assert word in shown.stdout
+
+
+@pytest.mark.parametrize("content, word", [
+    (None, "no report.json"),
+    ("{not json", "cannot read"),
+    ('{"format": "something-else"}', "not a mesimp report"),
+    ('{"format": "mesimp-report", "layers": [{"name": "x"}]}', "malformed"),
+])
+def test_inspect_refuses_a_missing_or_garbled_report(tmp_path, content, word) -> None:
+    if content is not None:
+        (tmp_path / "report.json").write_text(content)
+    shown = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert shown.exit_code == 2
+    assert word in shown.stderr and len(shown.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in shown.output

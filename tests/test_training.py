@@ -1,0 +1,132 @@
+"""FineTuner on a tiny MLP: widths shrink, history per window, rollback, NaN loss, clean model."""
+
+from __future__ import annotations
+
+import math
+
+import _tiny
+import pytest
+import torch
+from torch import nn
+
+from mesimp_compress import tasks
+from mesimp_compress.config import CompressConfig
+from mesimp_compress.errors import NonFiniteLossError
+from mesimp_compress.events import Event
+from mesimp_compress.simplify import Simplifier
+from mesimp_compress.training import FineTuner
+
+torch.set_num_threads(1)
+
+BASE = dict(epochs=1, cycles=1, recovery_epochs=0, distill=0.0, threads=1, batches=[1, 4])
+
+
+def trained_mlp(train) -> nn.Module:
+    """The tiny MLP fitted for a few epochs, so pruning it hard costs accuracy."""
+    model = _tiny.mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(8):
+        for x, y in train:
+            opt.zero_grad()
+            tasks.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _tiny.mlp_data()
+
+
+def tuner(model, data, events=None, **settings) -> FineTuner:
+    cfg = CompressConfig(**{**BASE, **settings})
+    train, evaluation = data
+    simp = Simplifier.build(model, train[0][0], cfg)
+    return FineTuner(model, None, train, evaluation, simp, cfg,
+                     sink=events.append if events is not None else None)
+
+
+def test_widths_shrink_and_history_has_one_record_per_window(data) -> None:
+    events: list[Event] = []
+    ft = tuner(_tiny.mlp(), data, events, k=6, prune_rate=0.5, window=0.25, lr=1e-2)
+    result = ft.run()
+    # 8 batches per epoch, windows of 2 batches: 4 windows in the pruning epoch, 4 in the normal
+    assert len(result.history) == 8
+    assert [r.window for r in result.history] == list(range(8))
+    assert [r.phase for r in result.history] == ["prune"] * 4 + ["normal"] * 4
+    assert [r.step for r in result.history] == [2, 4, 6, 8, 10, 12, 14, 16]
+    final = {k: len(v) for k, v in result.kept.items()}
+    assert final["0"] < 32 and final["2"] < 24
+    assert result.history[-1].widths == final
+    for r in result.history:
+        assert math.isfinite(r.loss) and 0.0 <= r.metric <= 1.0
+        for key, (before, after) in r.pruned.items():
+            assert after < before and r.widths[key] == after
+    assert all(not r.pruned for r in result.history[4:])  # the normal cycle never prunes
+    # the model really has the final widths
+    assert result.model[0].out_features == final["0"] and result.model[2].in_features == final["0"]
+    assert result.model[2].out_features == final["2"] and result.model[4].in_features == final["2"]
+    windows = [e for e in events if e.kind == "window"]
+    assert [e.data["widths"] for e in windows] == [r.widths for r in result.history]
+    assert result.metric_after == pytest.approx(result.history[-1].metric)
+
+
+def test_rollback_restores_pre_prune_widths_and_freezes_the_key(data) -> None:
+    model = trained_mlp(data[0])
+    events: list[Event] = []
+    ft = tuner(model, data, events, k=4, prune_rate=0.9, window=0.25, lr=1e-6,
+               max_drop=0.0, recovery_windows=1, compensate=False)
+    result = ft.run()
+    assert result.metric_before > 0.6
+    assert result.rollbacks, "a prune to 4 units without learning must lose accuracy"
+    first = result.rollbacks[0]
+    assert first.threshold == pytest.approx(result.metric_before)
+    assert first.metric < first.threshold
+    pruned_at = result.history[first.window]
+    assert pruned_at.pruned and set(first.keys) == set(pruned_at.pruned)
+    restored = {k: before for k, (before, _) in pruned_at.pruned.items()}
+    # the next window is back at the widths before the prune, and the keys never shrink again
+    for record in result.history[first.window + 1 :]:
+        for key in first.keys:
+            assert record.widths[key] == restored[key]
+            assert key not in record.pruned
+    final = {k: len(v) for k, v in result.kept.items()}
+    assert {k: final[k] for k in first.keys} == restored
+    assert ft.frozen >= set(first.keys)
+    sizes = {"0": result.model[0].out_features, "2": result.model[2].out_features}
+    assert sizes == final
+    kinds = [e.kind for e in events]
+    assert "rollback" in kinds and kinds.index("rollback") > kinds.index("prune")
+
+
+def test_nan_loss_names_the_window(data) -> None:
+    calls = {"n": 0}
+
+    def loss(outputs, targets):
+        calls["n"] += 1
+        value = tasks.cross_entropy(outputs, targets)
+        return value * float("nan") if calls["n"] == 5 else value
+
+    cfg = CompressConfig(**{**BASE, "k": 6, "window": 0.25})
+    train, evaluation = data
+    model = _tiny.mlp()
+    simp = Simplifier.build(model, train[0][0], cfg)
+    ft = FineTuner(model, None, train, evaluation, simp, cfg, loss=loss)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 0, window 2\b"):
+        ft.run()
+
+
+def test_final_model_has_no_hooks_and_no_meprop_layers(data) -> None:
+    ft = tuner(_tiny.mlp(), data, k=6, prune_rate=0.5, window=0.25, compensate=True)
+    assert ft.simp.means is not None
+    result = ft.run()
+    for module in result.model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+        assert not module._backward_hooks
+        if isinstance(module, nn.Linear):
+            assert type(module) is nn.Linear
+    assert sum(len(v) for v in result.kept.values()) < 32 + 24
+    x = data[1][0][0]
+    before = result.model(x)
+    result.model(torch.randn(64, _tiny.IN_FEATURES))  # a forward pass must record nothing
+    assert torch.equal(result.model(x), before)
