@@ -46,24 +46,10 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_plan_and_metrics(tmp_path)
     assert not default_dir(whole).exists()  # removed after success
 
     out = tmp_path / "cut"
-    env = {**os.environ, "MESIMP_TEST_DELAY": "0.02"}
-    proc = subprocess.Popen(_command(out), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    checkpoints = Checkpointer(default_dir(out))
-    deadline = time.monotonic() + 120
-    window = -1
-    while time.monotonic() < deadline and proc.poll() is None:
-        if checkpoints.exists():
-            try:
-                window = checkpoints.load()["window"]
-            except Exception:  # noqa: BLE001 - being replaced right now: read it again
-                window = -1
-            if window >= 4:
-                break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    proc = _start_and_wait_for_window(out, 4)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
+    window = Checkpointer(default_dir(out)).load()["window"]
     assert window >= 4 and not out.exists()
 
     resumed = _run(out, "--resume")
@@ -103,3 +89,30 @@ def test_nan_loss_names_the_window_and_keeps_the_last_good_checkpoint(tmp_path):
     state = Checkpointer(default_dir(out)).load()
     assert state["window"] >= 1  # windows before the NaN were saved
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def _start_and_wait_for_window(out: Path, window: int) -> subprocess.Popen:
+    env = {**os.environ, "MESIMP_TEST_DELAY": "0.02"}
+    proc = subprocess.Popen(_command(out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    checkpoints = Checkpointer(default_dir(out))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if checkpoints.exists() and checkpoints.load()["window"] >= window:
+                return proc
+        except Exception:  # noqa: BLE001, S110 - being replaced right now: read it again
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the run ended before it could be interrupted")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "ctrl-c"
+    proc = _start_and_wait_for_window(out, 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "--resume" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and Checkpointer(default_dir(out)).load()["window"] >= 2
