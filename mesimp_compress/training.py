@@ -214,11 +214,16 @@ class FineTuner:
             seen += 1
             in_window += 1
             last = i == self.n_batches - 1
-            if in_window == self.window_batches or last:
+            if last or (in_window >= self.window_batches and not self._short_tail(i)):
                 self._end_window(phase, epoch, running / seen)
                 running, seen, in_window = 0.0, 0, 0
                 self._checkpoint(epoch + 1 if last else epoch, 0 if last else i + 1)
             emit(self.sink, "step", epoch=epoch, batch=i + 1, batches=self.n_batches, loss=loss)
+
+    def _short_tail(self, i: int) -> bool:
+        """Whether the batches left after batch ``i`` are under half a window: they join this
+        window rather than make one of their own (the rule on 2 batches would cut deep)."""
+        return 2 * (self.n_batches - (i + 1)) < self.window_batches
 
     def _train_step(self, batch: Any, epoch: int) -> float:
         inputs, targets = split_batch(batch, where="train data")

@@ -130,3 +130,15 @@ def test_final_model_has_no_hooks_and_no_meprop_layers(data) -> None:
     before = result.model(x)
     result.model(torch.randn(64, _tiny.IN_FEATURES))  # a forward pass must record nothing
     assert torch.equal(result.model(x), before)
+
+
+def test_a_short_last_window_joins_the_one_before(data) -> None:
+    """8 batches per epoch. Windows of 3: 3, 3, then the 2 left (at least half a window) make
+    their own. Windows of 6: the 2 left after 6 are under half a window, so they join it
+    rather than let the rule judge units on 2 batches."""
+    ft = tuner(_tiny.mlp(), data, k=6, prune_rate=0.5, window=3 / 8, lr=1e-2)
+    assert ft.window_batches == 3
+    assert [r.step for r in ft.run().history][:3] == [3, 6, 8]
+    ft = tuner(_tiny.mlp(), data, k=6, prune_rate=0.5, window=6 / 8, lr=1e-2)
+    assert ft.window_batches == 6
+    assert [r.step for r in ft.run().history][:2] == [8, 16]
