@@ -59,6 +59,9 @@ def compress(
         None, "--compensate/--no-compensate",
         help="Fold removed units' mean contribution into the next layer's bias.",
     ),
+    bench_seq: int | None = typer.Option(
+        None, "--bench-seq", help="Sequence length of the latency benchmark (default: the data's)."
+    ),
     quantize: bool | None = typer.Option(None, "--quantize/--no-quantize", help="Also time an int8 (dynamic) model."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     nproc: int = typer.Option(1, "--nproc", help="Fine-tune on N local worker processes (torchrun, DDP: gloo on CPU, nccl on CUDA)."),
@@ -95,6 +98,7 @@ def compress(
         "include": include or None, "exclude": exclude or None, "device": device,
         "threads": threads, "seed": seed, "batches": batches, "max_drop": max_drop,
         "quantize": quantize, "sparse_update": sparse_update, "compensate": compensate,
+        "bench_seq": bench_seq,
     }
     values.update({key: v for key, v in flags.items() if v is not None})
     cfg = CompressConfig.from_dict(values, source=str(config) if config else "flags")

@@ -100,7 +100,7 @@ def _run(model: nn.Module, train: Iterable[Any], eval_data: Iterable[Any], cfg: 
     first_batch(eval_data, where="eval data")
     original = copy.deepcopy(model).to(device).eval()
     working = copy.deepcopy(model).to(device)
-    _check_forward(original, to_device(example_inputs, device), train, loss, metric)
+    _check_forward(original, train, loss, metric)
 
     simplifier = Simplifier.build(working, to_device(example_inputs, device), cfg)
     emit(sink, "structure", groups=simplifier.widths(), skipped=simplifier.skipped())
@@ -145,7 +145,8 @@ def load(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- helpers
-_NOT_TRAINING = {"device", "threads", "batches", "bench_threads", "quantize", "opset", "atol", "rtol"}
+_NOT_TRAINING = {"device", "threads", "batches", "bench_threads", "bench_seq", "quantize", "opset",
+                 "atol", "rtol"}
 
 
 def _checkpoint(out: Any, directory: Any, resume: bool, cfg: CompressConfig,
@@ -196,16 +197,15 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _check_forward(model: nn.Module, inputs: tuple[Any, ...], train: Iterable[Any],
-                   loss: Any, metric: Any) -> None:
+def _check_forward(model: nn.Module, train: Iterable[Any], loss: Any, metric: Any) -> None:
     """Run the model and the loss on the first batch, so shape errors surface before training."""
     from . import tasks
 
     # inputs and targets of one batch: a shuffled loader yields another first batch each pass
     batch = next(iter(train))
-    batch_inputs, targets = split_batch(batch, where="train data")
-    inputs = to_device(batch_inputs, next(model.parameters()).device)
-    targets = to_device(targets, next(model.parameters()).device)
+    inputs, targets = split_batch(batch, where="train data")
+    device = next(model.parameters()).device
+    inputs, targets = to_device(inputs, device), to_device(targets, device)
     try:
         with torch.no_grad():
             outputs = model(*inputs)

@@ -117,7 +117,7 @@ def _prove(output: OutputDir, original: nn.Module, compressed: nn.Module,
 
         emit(sink, "stage", message="timing in onnxruntime (interleaved)")
         threads = sorted({1, cfg.bench_threads, os.cpu_count() or 1})
-        latency = benchmark(timed, inputs, batches=cfg.batches, threads=threads,
+        latency = benchmark(timed, inputs, batches=cfg.batches, threads=threads, seq=cfg.bench_seq,
                             rounds=30, max_seconds=20.0, input_names=names, sink=sink)
 
     failed = [p for label, p in parity.items() if label != INT8 and not p.passed]
@@ -139,6 +139,8 @@ def _prove(output: OutputDir, original: nn.Module, compressed: nn.Module,
             "examples": tuned.examples,
         },
     )
+    for label, entry in report["export"].items():  # where the files will be once published
+        entry["path"] = str(output.path / Path(entry["path"]).name)
     report["metric_before"] = {"torch": metrics["torch_before"], "onnxruntime": metrics["ort_before"]}
     report["metric_after"] = {"torch": metrics["torch_after"], "onnxruntime": metrics["ort_after"]}
     save_compressed(after, plan, output.staging)
