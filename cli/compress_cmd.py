@@ -24,48 +24,102 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def compress(
-    model: str = typer.Argument(..., help="Model factory spec: file.py:factory or package.module:factory."),
-    data: str = typer.Option(..., "--data", help="Data spec (file.py:function) or a built-in name."),
+    model: str = typer.Argument(
+        ..., help="Model factory spec: file.py:factory or package.module:factory."
+    ),
+    data: str = typer.Option(
+        ..., "--data", help="Data spec (file.py:function) or a built-in name."
+    ),
     out: Path = typer.Option(..., "--out", help="Output directory (created atomically)."),
-    weights: Path | None = typer.Option(None, "--weights", help="state_dict to load (weights_only=True)."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow --weights to be a pickled module: this RUNS CODE from the file."),
-    config: Path | None = typer.Option(None, "--config", help="Recipe TOML with the same keys as the flags."),
-    loss: str | None = typer.Option(None, "--loss", help="Loss spec: file.py:fn(outputs, targets) -> scalar."),
-    metric: str | None = typer.Option(None, "--metric", help="Metric spec: file.py:fn(outputs, targets) -> float or (sum, count)."),
-    k: str | None = typer.Option(None, "--k", help="meProp top-k: an int, or a fraction of each layer's width."),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="state_dict to load (weights_only=True)."
+    ),
+    trust_pickle: bool = typer.Option(
+        False,
+        "--trust-pickle",
+        help="Allow --weights to be a pickled module: this RUNS CODE from the file.",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="Recipe TOML with the same keys as the flags."
+    ),
+    loss: str | None = typer.Option(
+        None, "--loss", help="Loss spec: file.py:fn(outputs, targets) -> scalar."
+    ),
+    metric: str | None = typer.Option(
+        None, "--metric", help="Metric spec: file.py:fn(outputs, targets) -> float or (sum, count)."
+    ),
+    k: str | None = typer.Option(
+        None, "--k", help="meProp top-k: an int, or a fraction of each layer's width."
+    ),
     mode: str | None = typer.Option(None, "--mode", help="unified | per_example."),
-    prune_rate: float | None = typer.Option(None, "--prune-rate", help="Remove a unit with hits < prune_rate * examples."),
-    window: float | None = typer.Option(None, "--window", help="Window length as a fraction of an epoch."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Epochs per pruning cycle and per normal cycle."),
-    cycles: int | None = typer.Option(None, "--cycles", help="Number of (pruning, normal) cycle pairs."),
-    recovery_epochs: int | None = typer.Option(None, "--recovery-epochs", help="Normal epochs after the last cycle."),
+    prune_rate: float | None = typer.Option(
+        None, "--prune-rate", help="Remove a unit with hits < prune_rate * examples."
+    ),
+    window: float | None = typer.Option(
+        None, "--window", help="Window length as a fraction of an epoch."
+    ),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="Epochs per pruning cycle and per normal cycle."
+    ),
+    cycles: int | None = typer.Option(
+        None, "--cycles", help="Number of (pruning, normal) cycle pairs."
+    ),
+    recovery_epochs: int | None = typer.Option(
+        None, "--recovery-epochs", help="Normal epochs after the last cycle."
+    ),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
     optimizer: str | None = typer.Option(None, "--optimizer", help="adam | adamw | sgd."),
-    distill: float | None = typer.Option(None, "--distill", help="Weight of distillation from the original (0 = off)."),
-    min_width: int | None = typer.Option(None, "--min-width", help="Never shrink a layer below this."),
-    round_to: int | None = typer.Option(None, "--round-to", help="Round kept widths up to a multiple (8, 16)."),
-    include: list[str] | None = typer.Option(None, "--include", help="Only these module names (patterns)."),
-    exclude: list[str] | None = typer.Option(None, "--exclude", help="Leave these module names (patterns) alone."),
+    distill: float | None = typer.Option(
+        None, "--distill", help="Weight of distillation from the original (0 = off)."
+    ),
+    min_width: int | None = typer.Option(
+        None, "--min-width", help="Never shrink a layer below this."
+    ),
+    round_to: int | None = typer.Option(
+        None, "--round-to", help="Round kept widths up to a multiple (8, 16)."
+    ),
+    include: list[str] | None = typer.Option(
+        None, "--include", help="Only these module names (patterns)."
+    ),
+    exclude: list[str] | None = typer.Option(
+        None, "--exclude", help="Leave these module names (patterns) alone."
+    ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N."),
     threads: int | None = typer.Option(None, "--threads", help="torch threads for fine-tuning."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
-    batches: str | None = typer.Option(None, "--batches", help="Benchmark batch sizes, e.g. 1,8,64."),
-    max_drop: float | None = typer.Option(None, "--max-drop", help="Roll back a prune whose metric drops more than this."),
+    batches: str | None = typer.Option(
+        None, "--batches", help="Benchmark batch sizes, e.g. 1,8,64."
+    ),
+    max_drop: float | None = typer.Option(
+        None, "--max-drop", help="Roll back a prune whose metric drops more than this."
+    ),
     sparse_update: bool | None = typer.Option(
-        None, "--sparse-update/--dense-update",
-        help="Row-sparse optimizer step: only rows that got a gradient move (faster; lazy moments).",
+        None,
+        "--sparse-update/--dense-update",
+        help="Row-sparse optimizer step: only rows with a gradient move (faster; lazy moments).",
     ),
     compensate: bool | None = typer.Option(
-        None, "--compensate/--no-compensate",
+        None,
+        "--compensate/--no-compensate",
         help="Fold removed units' mean contribution into the next layer's bias.",
     ),
     bench_seq: int | None = typer.Option(
         None, "--bench-seq", help="Sequence length of the latency benchmark (default: the data's)."
     ),
-    quantize: bool | None = typer.Option(None, "--quantize/--no-quantize", help="Also time an int8 (dynamic) model."),
+    quantize: bool | None = typer.Option(
+        None, "--quantize/--no-quantize", help="Also time an int8 (dynamic) model."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
-    nproc: int = typer.Option(1, "--nproc", help="Fine-tune on N local worker processes (torchrun, DDP: gloo on CPU, nccl on CUDA)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last window checkpoint (same settings)."),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        help="Fine-tune on N local worker processes (torchrun, DDP: gloo on CPU, nccl on CUDA).",
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue an interrupted run from its last window checkpoint (same settings).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -92,12 +146,28 @@ def compress(
 
     values: dict[str, Any] = read_toml(config) if config is not None else {}
     flags = {
-        "k": _parse_k(k), "mode": mode, "prune_rate": prune_rate, "window": window,
-        "epochs": epochs, "cycles": cycles, "recovery_epochs": recovery_epochs, "lr": lr,
-        "optimizer": optimizer, "distill": distill, "min_width": min_width, "round_to": round_to,
-        "include": include or None, "exclude": exclude or None, "device": device,
-        "threads": threads, "seed": seed, "batches": batches, "max_drop": max_drop,
-        "quantize": quantize, "sparse_update": sparse_update, "compensate": compensate,
+        "k": _parse_k(k),
+        "mode": mode,
+        "prune_rate": prune_rate,
+        "window": window,
+        "epochs": epochs,
+        "cycles": cycles,
+        "recovery_epochs": recovery_epochs,
+        "lr": lr,
+        "optimizer": optimizer,
+        "distill": distill,
+        "min_width": min_width,
+        "round_to": round_to,
+        "include": include or None,
+        "exclude": exclude or None,
+        "device": device,
+        "threads": threads,
+        "seed": seed,
+        "batches": batches,
+        "max_drop": max_drop,
+        "quantize": quantize,
+        "sparse_update": sparse_update,
+        "compensate": compensate,
         "bench_seq": bench_seq,
     }
     values.update({key: v for key, v in flags.items() if v is not None})
@@ -112,11 +182,25 @@ def compress(
 
     renderer = ProgressRenderer(err_console if as_json else console, quiet=quiet or as_json)
     try:
-        result = run(net, train, eval_data, config=cfg, loss=loss_fn, metric=metric_fn,
-                     out=out, force=force, sink=renderer, factory=model, resume=resume)
+        result = run(
+            net,
+            train,
+            eval_data,
+            config=cfg,
+            loss=loss_fn,
+            metric=metric_fn,
+            out=out,
+            force=force,
+            sink=renderer,
+            factory=model,
+            resume=resume,
+        )
     except KeyboardInterrupt:
-        raise fail("interrupted: the checkpoint of the last finished window is kept; "
-                   "rerun the same command with --resume to continue", code=130) from None
+        raise fail(
+            "interrupted: the checkpoint of the last finished window is kept; "
+            "rerun the same command with --resume to continue",
+            code=130,
+        ) from None
     finally:
         renderer.close()
     report = result.report or {}

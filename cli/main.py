@@ -16,7 +16,8 @@ from .common import OneLineGroup
 app = typer.Typer(
     name="mesimp",
     cls=OneLineGroup,
-    help="Compress trained PyTorch models with meSimp: meProp fine-tuning, unit removal, ONNX proof.",
+    help="Compress trained PyTorch models with meSimp: meProp fine-tuning, unit removal, "
+    "ONNX proof.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

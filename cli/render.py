@@ -95,8 +95,10 @@ class ProgressRenderer:
         )
 
     def _on_resumed(self, d: dict[str, Any]) -> None:
-        self.console.print(f"resuming at epoch {d['epoch'] + 1}, batch {d['batch']} "
-                           f"(window {d['window']}), widths {_widths(d['widths'], 8)}")
+        self.console.print(
+            f"resuming at epoch {d['epoch'] + 1}, batch {d['batch']} "
+            f"(window {d['window']}), widths {_widths(d['widths'], 8)}"
+        )
 
     def _on_note(self, d: dict[str, Any]) -> None:
         target = self.progress.console if self.progress is not None else self.console
@@ -115,8 +117,13 @@ def summary_table(report: dict[str, Any]) -> list[Table]:
     for col in ("layer", "before", "after", "params before", "params after"):
         layers.add_column(col, justify="right" if col != "layer" else "left")
     for row in report.get("layers", []):
-        layers.add_row(row["name"], str(row["width_before"]), str(row["width_after"]),
-                       f"{row['params_before']:,}", f"{row['params_after']:,}")
+        layers.add_row(
+            row["name"],
+            str(row["width_before"]),
+            str(row["width_after"]),
+            f"{row['params_before']:,}",
+            f"{row['params_after']:,}",
+        )
     tables.append(layers)
 
     metrics = Table(title="metric and parity", title_justify="left")
@@ -128,8 +135,11 @@ def summary_table(report: dict[str, Any]) -> list[Table]:
         if before is not None or after is not None:
             metrics.add_row(f"metric ({label})", _fmt(before), _fmt(after))
     for name, p in report.get("parity", {}).items():
-        metrics.add_row(f"parity {name} max abs", _fmt(p.get("original_max_abs")),
-                        _fmt(p.get("compressed_max_abs")))
+        metrics.add_row(
+            f"parity {name} max abs",
+            _fmt(p.get("original_max_abs")),
+            _fmt(p.get("compressed_max_abs")),
+        )
     tables.append(metrics)
 
     latency = report.get("latency", {}).get("rows", [])
@@ -138,10 +148,13 @@ def summary_table(report: dict[str, Any]) -> list[Table]:
         for col in ("threads", "batch", "original", "compressed", "speedup"):
             lat.add_column(col, justify="right")
         for row in latency:
-            lat.add_row(str(row.get("threads", "")), str(row["batch"]),
-                        f"{row['original_median_ms']:.3f} / {row['original_p90_ms']:.3f}",
-                        f"{row['compressed_median_ms']:.3f} / {row['compressed_p90_ms']:.3f}",
-                        f"{row['speedup']:.2f}x")
+            lat.add_row(
+                str(row.get("threads", "")),
+                str(row["batch"]),
+                f"{row['original_median_ms']:.3f} / {row['original_p90_ms']:.3f}",
+                f"{row['compressed_median_ms']:.3f} / {row['compressed_p90_ms']:.3f}",
+                f"{row['speedup']:.2f}x",
+            )
         tables.append(lat)
     return tables
 

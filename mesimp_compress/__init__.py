@@ -11,6 +11,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .activity import ActivityTracker  # noqa: E402
+from .api import CompressResult, compress, load  # noqa: E402
+from .config import CompressConfig  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -28,9 +31,6 @@ from .errors import (  # noqa: E402
     UnsupportedStructureError,
 )
 from .events import Event  # noqa: E402
-from .activity import ActivityTracker  # noqa: E402
-from .api import CompressResult, compress, load  # noqa: E402
-from .config import CompressConfig  # noqa: E402
 from .meprop import apply_meprop, remove_meprop, set_k  # noqa: E402
 from .optim import RowSparseAdam, RowSparseSGD  # noqa: E402
 from .plan import Plan  # noqa: E402

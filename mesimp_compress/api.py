@@ -15,9 +15,9 @@ from torch import nn
 from . import distributed
 from .batches import first_batch, split_batch, to_device
 from .config import CompressConfig
-from .meprop.functions import sync_selection
 from .errors import CheckpointError, ConfigError, DataError, ParityError, ShapeError
 from .events import EventSink, emit
+from .meprop.functions import sync_selection
 from .outputs import OutputDir
 from .simplify import Simplifier
 from .training import FineTuner, Rollback, WindowRecord
@@ -76,21 +76,34 @@ def compress(
             cfg = cfg.replace(device=device_name)
         if world.distributed:
             if cfg.sparse_update:
-                raise ConfigError("sparse_update cannot be combined with distributed training: "
-                                  "row gradients would bypass DDP's all-reduce")
+                raise ConfigError(
+                    "sparse_update cannot be combined with distributed training: "
+                    "row gradients would bypass DDP's all-reduce"
+                )
             train = distributed.Shard(train, world.rank, world.size)
         if not world.is_main:  # only rank 0 writes files
             output = checkpointer = None
-        return _run(model, train, eval, cfg, loss, metric, output, checkpointer, state, sink,
-                    factory, world)
+        return _run(
+            model, train, eval, cfg, loss, metric, output, checkpointer, state, sink, factory, world
+        )
     finally:
         distributed.teardown(world)
 
 
-def _run(model: nn.Module, train: Iterable[Any], eval_data: Iterable[Any], cfg: CompressConfig,
-         loss: Any, metric: Any, output: OutputDir | None, checkpointer: Any,
-         state: dict[str, Any] | None, sink: EventSink | None, factory: str | None,
-         world: distributed.World) -> CompressResult:
+def _run(
+    model: nn.Module,
+    train: Iterable[Any],
+    eval_data: Iterable[Any],
+    cfg: CompressConfig,
+    loss: Any,
+    metric: Any,
+    output: OutputDir | None,
+    checkpointer: Any,
+    state: dict[str, Any] | None,
+    sink: EventSink | None,
+    factory: str | None,
+    world: distributed.World,
+) -> CompressResult:
     _seed(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -104,17 +117,32 @@ def _run(model: nn.Module, train: Iterable[Any], eval_data: Iterable[Any], cfg: 
 
     simplifier = Simplifier.build(working, to_device(example_inputs, device), cfg)
     emit(sink, "structure", groups=simplifier.widths(), skipped=simplifier.skipped())
-    tuner = FineTuner(working, original if cfg.distill > 0 else None, train, eval_data,
-                      simplifier, cfg, loss=loss, metric=metric, sink=sink,
-                      checkpoint=checkpointer, resume=state, world=world)
+    tuner = FineTuner(
+        working,
+        original if cfg.distill > 0 else None,
+        train,
+        eval_data,
+        simplifier,
+        cfg,
+        loss=loss,
+        metric=metric,
+        sink=sink,
+        checkpoint=checkpointer,
+        resume=state,
+        world=world,
+    )
     try:
         tuned = tuner.run()
     finally:
         sync_selection(False)
     plan = simplifier.final_plan()
     result = CompressResult(
-        model=tuned.model, plan=plan, history=tuned.history, rollbacks=tuned.rollbacks,
-        metric_before=tuned.metric_before, metric_after=tuned.metric_after,
+        model=tuned.model,
+        plan=plan,
+        history=tuned.history,
+        rollbacks=tuned.rollbacks,
+        metric_before=tuned.metric_before,
+        metric_after=tuned.metric_after,
         skipped=simplifier.skipped(),
     )
     if output is not None:
@@ -122,9 +150,18 @@ def _run(model: nn.Module, train: Iterable[Any], eval_data: Iterable[Any], cfg: 
 
         try:
             result.report = export_and_verify(
-                output, original=original, compressed=tuned.model,
-                example_inputs=example_inputs, eval_data=eval_data, plan=plan, config=cfg,
-                tuned=tuned, skipped=result.skipped, metric=metric, sink=sink, factory=factory,
+                output,
+                original=original,
+                compressed=tuned.model,
+                example_inputs=example_inputs,
+                eval_data=eval_data,
+                plan=plan,
+                config=cfg,
+                tuned=tuned,
+                skipped=result.skipped,
+                metric=metric,
+                sink=sink,
+                factory=factory,
             )
         except ParityError:
             if checkpointer is not None:  # the folder is published (marked failed): done
@@ -137,7 +174,8 @@ def _run(model: nn.Module, train: Iterable[Any], eval_data: Iterable[Any], cfg: 
 
 
 def load(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
-    """Rebuild a compressed model: apply ``plan.json`` to a freshly built model, load ``weights.pt``."""
+    """Rebuild a compressed model: apply ``plan.json`` to a freshly built model, then load
+    ``weights.pt``."""
     from .surgery import load_compressed
 
     d = Path(directory)
@@ -145,12 +183,22 @@ def load(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- helpers
-_NOT_TRAINING = {"device", "threads", "batches", "bench_threads", "bench_seq", "quantize", "opset",
-                 "atol", "rtol"}
+_NOT_TRAINING = {
+    "device",
+    "threads",
+    "batches",
+    "bench_threads",
+    "bench_seq",
+    "quantize",
+    "opset",
+    "atol",
+    "rtol",
+}
 
 
-def _checkpoint(out: Any, directory: Any, resume: bool, cfg: CompressConfig,
-                sink: EventSink | None) -> tuple[Any, dict[str, Any] | None]:
+def _checkpoint(
+    out: Any, directory: Any, resume: bool, cfg: CompressConfig, sink: EventSink | None
+) -> tuple[Any, dict[str, Any] | None]:
     """The run's Checkpointer (None without a place for it) and, when resuming, its state."""
     from .checkpoint import Checkpointer, default_dir
 
@@ -161,8 +209,12 @@ def _checkpoint(out: Any, directory: Any, resume: bool, cfg: CompressConfig,
     checkpointer = Checkpointer(directory if directory is not None else default_dir(out))
     if not resume:
         if checkpointer.exists():
-            emit(sink, "note", message=f"replacing the checkpoint of an earlier run in "
-                                       f"{checkpointer.directory} (use --resume to continue it)")
+            emit(
+                sink,
+                "note",
+                message=f"replacing the checkpoint of an earlier run in "
+                f"{checkpointer.directory} (use --resume to continue it)",
+            )
         return checkpointer, None
     state = checkpointer.load()
     saved = {k: v for k, v in state["config"].items() if k not in _NOT_TRAINING}
@@ -210,15 +262,20 @@ def _check_forward(model: nn.Module, train: Iterable[Any], loss: Any, metric: An
         with torch.no_grad():
             outputs = model(*inputs)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-                           for x in inputs)
-        raise ShapeError(f"the model failed on the first train batch (inputs {shapes}): "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        shapes = ", ".join(
+            str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs
+        )
+        raise ShapeError(
+            f"the model failed on the first train batch (inputs {shapes}): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     try:
         value = (loss or tasks.cross_entropy)(outputs, targets)
         (metric or tasks.accuracy)(outputs, targets)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        raise ShapeError(f"loss/metric failed on the first batch: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ShapeError(
+            f"loss/metric failed on the first batch: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
         raise DataError("the loss must return a scalar tensor")

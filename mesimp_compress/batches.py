@@ -13,7 +13,10 @@ from .errors import DataError
 def split_batch(batch: Any, *, where: str = "data") -> tuple[tuple[Any, ...], Any]:
     """Return ``(inputs_tuple, targets)`` from one batch; DataError when it has another form."""
     if isinstance(batch, dict):
-        raise DataError(f"{where}: batches must be (inputs, targets) pairs, got a dict with keys {sorted(batch)}")
+        raise DataError(
+            f"{where}: batches must be (inputs, targets) pairs, "
+            f"got a dict with keys {sorted(batch)}"
+        )
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         kind = type(batch).__name__
         size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
@@ -24,7 +27,9 @@ def split_batch(batch: Any, *, where: str = "data") -> tuple[tuple[Any, ...], An
     elif isinstance(inputs, (tuple, list)) and inputs:
         inputs = tuple(inputs)
     else:
-        raise DataError(f"{where}: inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+        raise DataError(
+            f"{where}: inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}"
+        )
     return inputs, targets
 
 
@@ -50,7 +55,9 @@ def batch_size(inputs: tuple[Any, ...]) -> int:
 def count_batches(data: Iterable[Any], *, where: str) -> int:
     """Number of batches per pass; the data must be re-iterable (not a one-shot generator)."""
     if iter(data) is data:
-        raise DataError(f"{where}: data must be re-iterable (a DataLoader or a list), got a one-shot iterator")
+        raise DataError(
+            f"{where}: data must be re-iterable (a DataLoader or a list), got a one-shot iterator"
+        )
     try:
         n = len(data)  # type: ignore[arg-type]
     except TypeError:

@@ -68,8 +68,10 @@ class Checkpointer:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-            raise CheckpointError(f"cannot read checkpoint {self.path}: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise CheckpointError(
+                f"cannot read checkpoint {self.path}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise CheckpointError(f"{self.path} is not a mesimp checkpoint")
         if state.get("version") != VERSION:
@@ -94,8 +96,13 @@ def rng_state() -> dict[str, Any]:
         import numpy as np
 
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss),
-                          float(cached)]
+        state["numpy"] = [
+            kind,
+            torch.from_numpy(keys.astype("int64")),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ]
     except ImportError:  # pragma: no cover
         pass
     return state

@@ -114,13 +114,17 @@ class CompressConfig:
         if self.bench_seq is not None:
             _int_min("bench_seq", self.bench_seq, 1, 1 << 20)
         if not self.batches or any(not _is_int(b) or b < 1 for b in self.batches):
-            raise ConfigError(f"batches must be a non-empty list of positive ints, got {self.batches!r}")
+            raise ConfigError(
+                f"batches must be a non-empty list of positive ints, got {self.batches!r}"
+            )
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name} must be a list of module-name patterns, got {value!r}")
         if not isinstance(self.device, str) or not self.device:
-            raise ConfigError(f"device must be a string like 'cpu' or 'cuda:0', got {self.device!r}")
+            raise ConfigError(
+                f"device must be a string like 'cpu' or 'cuda:0', got {self.device!r}"
+            )
         _range("atol", self.atol, 0.0, math.inf, low_open=True)
         _range("rtol", self.rtol, 0.0, math.inf, low_open=False)
 
@@ -173,10 +177,30 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- helpers
-_FLOAT_KEYS = {"prune_rate", "window", "lr", "weight_decay", "distill", "temperature",
-               "max_drop", "atol", "rtol"}
-_INT_KEYS = {"epochs", "cycles", "recovery_epochs", "min_width", "round_to", "recovery_windows",
-             "threads", "seed", "bench_threads", "bench_seq", "opset"}
+_FLOAT_KEYS = {
+    "prune_rate",
+    "window",
+    "lr",
+    "weight_decay",
+    "distill",
+    "temperature",
+    "max_drop",
+    "atol",
+    "rtol",
+}
+_INT_KEYS = {
+    "epochs",
+    "cycles",
+    "recovery_epochs",
+    "min_width",
+    "round_to",
+    "recovery_windows",
+    "threads",
+    "seed",
+    "bench_threads",
+    "bench_seq",
+    "opset",
+}
 _BOOL_KEYS = {"sparse_update", "sparse_bias", "allow_residual", "compensate", "quantize"}
 _STR_KEYS = {"mode", "optimizer", "normal_backprop", "device", "output_layer"}
 _LIST_KEYS = {"include", "exclude", "batches"}

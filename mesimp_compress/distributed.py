@@ -123,15 +123,17 @@ def all_reduce_means(sums: Mapping[str, torch.Tensor], counts: dict[str, int]) -
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    flat = torch.cat([sums[k].reshape(-1).to(torch.float64) for k in keys]
-                     + [torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64)])
+    flat = torch.cat(
+        [sums[k].reshape(-1).to(torch.float64) for k in keys]
+        + [torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64)]
+    )
     flat = flat.to(device)
     dist.all_reduce(flat)
     flat = flat.cpu()
     offset = 0
     for key in keys:
         n = sums[key].numel()
-        sums[key].copy_(flat[offset:offset + n].reshape(sums[key].shape))  # type: ignore[index]
+        sums[key].copy_(flat[offset : offset + n].reshape(sums[key].shape))  # type: ignore[index]
         offset += n
     for i, key in enumerate(keys):
         counts[key] = int(round(float(flat[offset + i])))
@@ -141,5 +143,14 @@ def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
     """The torchrun command that runs ``mesimp`` with ``argv`` on ``nproc`` local workers."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--standalone", "-m", "mesimp_compress.cli", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--standalone",
+        "-m",
+        "mesimp_compress.cli",
+        *argv,
+    ]

@@ -29,7 +29,8 @@ class OutputDir:
                 raise OutputExistsError(f"output path {self.path} exists and is not a directory")
             if any(self.path.iterdir()) and not force:
                 raise OutputExistsError(
-                    f"output directory {self.path} exists and is not empty (use --force to replace it)"
+                    f"output directory {self.path} exists and is not empty "
+                    "(use --force to replace it)"
                 )
         parent = self.path.parent
         if not parent.exists():
@@ -40,8 +41,9 @@ class OutputDir:
     def staging(self) -> Path:
         """The folder files are written into before commit."""
         if self._staging is None:
-            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-",
-                                                  dir=self.path.parent))
+            self._staging = Path(
+                tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent)
+            )
         return self._staging
 
     def file(self, name: str) -> Path:
@@ -64,9 +66,13 @@ class OutputDir:
 
     def write_json(self, name: str, data: Any) -> Path:
         """Write ``data`` as indented JSON, atomically."""
+
         def writer(p: Path) -> None:
-            p.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n",
-                         encoding="utf-8")
+            p.write_text(
+                json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n",
+                encoding="utf-8",
+            )
+
         return self.write_with(name, writer)
 
     def commit(self) -> Path:

@@ -48,8 +48,20 @@ def export_and_verify(
 ) -> dict[str, Any]:
     """Run the proof and publish ``output``; return the report."""
     try:
-        report = _prove(output, original, compressed, example_inputs, eval_data, plan, config,
-                        tuned, skipped, metric, sink, factory)
+        report = _prove(
+            output,
+            original,
+            compressed,
+            example_inputs,
+            eval_data,
+            plan,
+            config,
+            tuned,
+            skipped,
+            metric,
+            sink,
+            factory,
+        )
     except BaseException:
         output.discard()
         raise
@@ -60,10 +72,20 @@ def export_and_verify(
     return report
 
 
-def _prove(output: OutputDir, original: nn.Module, compressed: nn.Module,
-           example_inputs: tuple[Any, ...], eval_data: Iterable[Any], plan: Any,
-           cfg: CompressConfig, tuned: Any, skipped: list[dict[str, str]], metric: Any,
-           sink: EventSink | None, factory: str | None) -> dict[str, Any]:
+def _prove(
+    output: OutputDir,
+    original: nn.Module,
+    compressed: nn.Module,
+    example_inputs: tuple[Any, ...],
+    eval_data: Iterable[Any],
+    plan: Any,
+    cfg: CompressConfig,
+    tuned: Any,
+    skipped: list[dict[str, str]],
+    metric: Any,
+    sink: EventSink | None,
+    factory: str | None,
+) -> dict[str, Any]:
     from .export import export_onnx
     from .latency import benchmark, dense_twin
     from .report import build_report, layer_rows, write_report
@@ -82,14 +104,27 @@ def _prove(output: OutputDir, original: nn.Module, compressed: nn.Module,
         }
         names = exports[COMPRESSED].input_names
         emit(sink, "stage", message="checking that every pruned layer shrank in ONNX")
-        sizes = check_shrunk(paths[COMPRESSED], after, original_onnx=paths[ORIGINAL],
-                             original_model=before, plan=plan)
+        sizes = check_shrunk(
+            paths[COMPRESSED],
+            after,
+            original_onnx=paths[ORIGINAL],
+            original_model=before,
+            plan=plan,
+        )
 
         emit(sink, "stage", message="checking parity in onnxruntime")
         batches = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
         parity = {
-            label: check_parity(paths[label], model, batches, atol=cfg.atol, rtol=cfg.rtol,
-                                label=label, input_names=names, raise_on_fail=False)
+            label: check_parity(
+                paths[label],
+                model,
+                batches,
+                atol=cfg.atol,
+                rtol=cfg.rtol,
+                label=label,
+                input_names=names,
+                raise_on_fail=False,
+            )
             for label, model in ((ORIGINAL, before), (COMPRESSED, after))
         }
         emit(sink, "stage", message="evaluating both ONNX models")
@@ -110,27 +145,53 @@ def _prove(output: OutputDir, original: nn.Module, compressed: nn.Module,
 
             emit(sink, "stage", message="quantizing the compressed model to int8")
             timed[INT8] = quantize_int8(paths[COMPRESSED], output.file("model.int8.onnx"))
-            parity[INT8] = check_parity(timed[INT8], after, batches, atol=INT8_TOLERANCE[0],
-                                        rtol=INT8_TOLERANCE[1], label=INT8, input_names=names,
-                                        raise_on_fail=False)
+            parity[INT8] = check_parity(
+                timed[INT8],
+                after,
+                batches,
+                atol=INT8_TOLERANCE[0],
+                rtol=INT8_TOLERANCE[1],
+                label=INT8,
+                input_names=names,
+                raise_on_fail=False,
+            )
             metrics["int8"] = evaluate_onnx(timed[INT8], eval_data, metric, input_names=names)
 
         emit(sink, "stage", message="timing in onnxruntime (interleaved)")
         threads = sorted({1, cfg.bench_threads, os.cpu_count() or 1})
-        latency = benchmark(timed, inputs, batches=cfg.batches, threads=threads, seq=cfg.bench_seq,
-                            rounds=30, max_seconds=20.0, input_names=names, sink=sink)
+        latency = benchmark(
+            timed,
+            inputs,
+            batches=cfg.batches,
+            threads=threads,
+            seq=cfg.bench_seq,
+            rounds=30,
+            max_seconds=20.0,
+            input_names=names,
+            sink=sink,
+        )
 
     failed = [p for label, p in parity.items() if label != INT8 and not p.passed]
     error = None
     if failed:
         worst = max(failed[0].outputs, key=lambda o: o.worst)
-        error = (f"{failed[0].label}: onnxruntime output '{worst.name}' differs from PyTorch by "
-                 f"{worst.max_abs:.3g}, beyond atol {cfg.atol:g} + rtol {cfg.rtol:g}*|ref|")
+        error = (
+            f"{failed[0].label}: onnxruntime output '{worst.name}' differs from PyTorch by "
+            f"{worst.max_abs:.3g}, beyond atol {cfg.atol:g} + rtol {cfg.rtol:g}*|ref|"
+        )
     history = [r.to_dict() for r in tuned.history]
     report = build_report(
-        config=cfg.to_dict(), layers=layer_rows(before, after, sizes), plan=plan, metrics=metrics,
-        parity=parity, latency=latency, export=exports, skipped=skipped,
-        bench_threads=threads, status="failed" if failed else "ok", error=error,
+        config=cfg.to_dict(),
+        layers=layer_rows(before, after, sizes),
+        plan=plan,
+        metrics=metrics,
+        parity=parity,
+        latency=latency,
+        export=exports,
+        skipped=skipped,
+        bench_threads=threads,
+        status="failed" if failed else "ok",
+        error=error,
         extra={
             "factory": factory,
             "history": history,
@@ -139,9 +200,12 @@ def _prove(output: OutputDir, original: nn.Module, compressed: nn.Module,
             "examples": tuned.examples,
         },
     )
-    for label, entry in report["export"].items():  # where the files will be once published
+    for entry in report["export"].values():  # where the files will be once published
         entry["path"] = str(output.path / Path(entry["path"]).name)
-    report["metric_before"] = {"torch": metrics["torch_before"], "onnxruntime": metrics["ort_before"]}
+    report["metric_before"] = {
+        "torch": metrics["torch_before"],
+        "onnxruntime": metrics["ort_before"],
+    }
     report["metric_after"] = {"torch": metrics["torch_after"], "onnxruntime": metrics["ort_after"]}
     save_compressed(after, plan, output.staging)
     _plots(report, output, tuned, cfg, sink)
@@ -149,13 +213,23 @@ def _prove(output: OutputDir, original: nn.Module, compressed: nn.Module,
     return report
 
 
-def _plots(report: dict[str, Any], output: OutputDir, tuned: Any, cfg: CompressConfig,
-           sink: EventSink | None) -> None:
+def _plots(
+    report: dict[str, Any],
+    output: OutputDir,
+    tuned: Any,
+    cfg: CompressConfig,
+    sink: EventSink | None,
+) -> None:
     try:
         from .plots import write_plots
 
         examples = tuned.examples
-        write_plots(report, output.staging / "plots", hits=tuned.hits,
-                    examples=examples, prune_rate=cfg.prune_rate)
+        write_plots(
+            report,
+            output.staging / "plots",
+            hits=tuned.hits,
+            examples=examples,
+            prune_rate=cfg.prune_rate,
+        )
     except ConfigError as exc:  # matplotlib missing: the run is still complete
         emit(sink, "note", message=str(exc))

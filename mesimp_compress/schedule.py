@@ -29,7 +29,9 @@ class Rule:
         if not 0.0 <= self.prune_rate <= 1.0:
             raise ConfigError(f"prune_rate must lie in [0, 1], got {self.prune_rate!r}")
         if self.min_width < 1:
-            raise ConfigError(f"min_width must be >= 1 (a layer is never emptied), got {self.min_width}")
+            raise ConfigError(
+                f"min_width must be >= 1 (a layer is never emptied), got {self.min_width}"
+            )
         if self.round_to < 1:
             raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
 

@@ -69,8 +69,9 @@ class Simplifier:
     @classmethod
     def build(cls, model: nn.Module, example_inputs: Any, config: CompressConfig) -> Simplifier:
         """Trace ``model`` once; raise UnsupportedStructureError if nothing can be pruned."""
-        structure = find_groups(model, example_inputs, exclude=config.exclude,
-                                allow_residual=config.allow_residual)
+        structure = find_groups(
+            model, example_inputs, exclude=config.exclude, allow_residual=config.allow_residual
+        )
         simplifier = cls(model, structure, config)
         if not simplifier._keys:
             simplifier.detach_means(model)
@@ -114,8 +115,10 @@ class Simplifier:
 
     def kept_original(self) -> dict[str, list[int]]:
         """Kept units of every prunable key, in the original model's indexing."""
-        return {key: list(self.plan.kept.get(key, range(self.original_widths[key])))
-                for key in self._keys}
+        return {
+            key: list(self.plan.kept.get(key, range(self.original_widths[key])))
+            for key in self._keys
+        }
 
     def final_plan(self) -> Plan:
         """Everything removed, as one plan from the original model."""
@@ -160,16 +163,25 @@ class Simplifier:
     def total_examples(self, tracker: ActivityTracker) -> dict[str, int]:
         """Examples seen since the start, per key (the base of :meth:`total_hits`)."""
         recorded = set(tracker.keys())
-        return {key: sum(tracker.total_examples(w) for w in self.writers(key) if w in recorded)
-                for key in self._keys if any(w in recorded for w in self.writers(key))}
+        return {
+            key: sum(tracker.total_examples(w) for w in self.writers(key) if w in recorded)
+            for key in self._keys
+            if any(w in recorded for w in self.writers(key))
+        }
 
     def observe_batch(self, n: int) -> None:
         """Count training examples seen (for the report)."""
         self.examples += n
 
     # ------------------------------------------------------------------ surgery
-    def prune(self, model: nn.Module, kept: Mapping[str, Any], *, optimizer: Any = None,
-              compensate: bool = True) -> Plan:
+    def prune(
+        self,
+        model: nn.Module,
+        kept: Mapping[str, Any],
+        *,
+        optimizer: Any = None,
+        compensate: bool = True,
+    ) -> Plan:
         """Shrink ``model`` to ``kept`` (current indexing), update structure and plan."""
         step = make_plan(self.structure, {k: [int(i) for i in v] for k, v in kept.items()})
         means = self.means if compensate and self.means is not None else None
@@ -229,17 +241,21 @@ class Simplifier:
         patterns = list(self.cfg.include or [])
         keys = []
         for key, group in self.structure.groups.items():
-            if patterns and not any(fnmatchcase(key, p) or fnmatchcase(group.module, p)
-                                    for p in patterns):
+            if patterns and not any(
+                fnmatchcase(key, p) or fnmatchcase(group.module, p) for p in patterns
+            ):
                 continue
             keys.append(key)
         return keys
 
     def _consumers(self, model: nn.Module) -> list[str]:
         modules = dict(model.named_modules())
-        names = {m.module for g in self.structure.groups.values() for m in g.members
-                 if m.role == ROLE_IN}
-        return sorted(n for n in names if isinstance(modules.get(n), (nn.Linear, nn.Conv2d, nn.LSTM)))
+        names = {
+            m.module for g in self.structure.groups.values() for m in g.members if m.role == ROLE_IN
+        }
+        return sorted(
+            n for n in names if isinstance(modules.get(n), (nn.Linear, nn.Conv2d, nn.LSTM))
+        )
 
 
 def _strip_means_hooks(model: nn.Module) -> None:

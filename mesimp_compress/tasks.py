@@ -79,7 +79,9 @@ def distillation(student: Any, teacher: Any, targets: Any, temperature: float) -
     return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
 
 
-def metric_value(result: tuple[float, float] | float | torch.Tensor, batch: int) -> tuple[float, float]:
+def metric_value(
+    result: tuple[float, float] | float | torch.Tensor, batch: int
+) -> tuple[float, float]:
     """Normalise a metric's return to (sum, count): a plain number counts as a batch mean."""
     if isinstance(result, tuple):
         total, count = result

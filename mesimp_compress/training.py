@@ -120,7 +120,9 @@ class FineTuner:
         self.epoch_rng: dict[str, Any] | None = None  # generators at the start of this epoch
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
-        self.teacher = teacher.to(self.device).eval() if teacher is not None and config.distill > 0 else None
+        self.teacher = (
+            teacher.to(self.device).eval() if teacher is not None and config.distill > 0 else None
+        )
         self.train_data, self.eval_data = train, eval_data
         self.simp = simplifier
         self.loss_fn = loss or tasks.cross_entropy
@@ -140,9 +142,14 @@ class FineTuner:
     def run(self) -> FineTuneResult:
         """Run every phase (from the checkpoint, when resuming) and return the compressed model."""
         self.wrapped = apply_meprop(
-            self.model, self.cfg.k, mode=self.cfg.mode, sparse_bias=self.cfg.sparse_bias,
-            include=self.cfg.include or None, exclude=self.cfg.exclude or None,
-            output_layer=self.simp.output_layer, tracker=self.tracker,
+            self.model,
+            self.cfg.k,
+            mode=self.cfg.mode,
+            sparse_bias=self.cfg.sparse_bias,
+            include=self.cfg.include or None,
+            exclude=self.cfg.exclude or None,
+            output_layer=self.simp.output_layer,
+            tracker=self.tracker,
         )
         self.optimizer = self._make_optimizer()
         self.net = wrap(self.model, self.world, self.device)
@@ -151,8 +158,14 @@ class FineTuner:
         start_epoch, start_batch, rng = 0, 0, None
         if self.resume is not None:
             start_epoch, start_batch, rng = self._restore(self.resume)
-            emit(self.sink, "resumed", epoch=start_epoch, batch=start_batch,
-                 window=self.window_index, widths=self.simp.widths())
+            emit(
+                self.sink,
+                "resumed",
+                epoch=start_epoch,
+                batch=start_batch,
+                window=self.window_index,
+                widths=self.simp.widths(),
+            )
         else:
             self.metric_before = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
         emit(self.sink, "baseline", metric=self.metric_before, widths=self.simp.widths())
@@ -167,18 +180,32 @@ class FineTuner:
             for _ in range(phase.epochs):
                 if epoch_no >= start_epoch:
                     resuming = epoch_no == start_epoch and rng is not None
-                    self._epoch(phase, epoch_no, total_epochs,
-                                skip=start_batch if resuming else 0, rng=rng if resuming else None)
+                    self._epoch(
+                        phase,
+                        epoch_no,
+                        total_epochs,
+                        skip=start_batch if resuming else 0,
+                        rng=rng if resuming else None,
+                    )
                 epoch_no += 1
         sync_selection(False)
         remove_meprop(self.model)
         self.simp.detach_means(self.model)
         metric_after = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
-        emit(self.sink, "done", metric_before=self.metric_before, metric_after=metric_after,
-             widths=self.simp.widths())
+        emit(
+            self.sink,
+            "done",
+            metric_before=self.metric_before,
+            metric_after=metric_after,
+            widths=self.simp.widths(),
+        )
         return FineTuneResult(
-            model=self.model, kept=self.simp.kept_original(), history=self.history,
-            rollbacks=self.rollbacks, metric_before=self.metric_before, metric_after=metric_after,
+            model=self.model,
+            kept=self.simp.kept_original(),
+            history=self.history,
+            rollbacks=self.rollbacks,
+            metric_before=self.metric_before,
+            metric_after=metric_after,
             hits=self.simp.total_hits(self.tracker),
             examples=self.simp.total_examples(self.tracker),
         )
@@ -191,8 +218,15 @@ class FineTuner:
         self.simp.reset_means()
         emit(self.sink, "phase", phase=phase.kind, cycle=phase.cycle, epochs=phase.epochs)
 
-    def _epoch(self, phase: Phase, epoch: int, total_epochs: int, *, skip: int = 0,
-               rng: dict[str, Any] | None = None) -> None:
+    def _epoch(
+        self,
+        phase: Phase,
+        epoch: int,
+        total_epochs: int,
+        *,
+        skip: int = 0,
+        rng: dict[str, Any] | None = None,
+    ) -> None:
         """One pass over the train data; when resuming, replay its order up to batch ``skip``."""
         self.model.train()
         if rng is not None and skip > 0:
@@ -201,8 +235,15 @@ class FineTuner:
             if rng is not None:
                 set_rng_state(rng)
             self.epoch_rng = rng_state()
-        emit(self.sink, "epoch_start", epoch=epoch, epochs=total_epochs, phase=phase.kind,
-             batches=self.n_batches, skipped=skip)
+        emit(
+            self.sink,
+            "epoch_start",
+            epoch=epoch,
+            epochs=total_epochs,
+            phase=phase.kind,
+            batches=self.n_batches,
+            skipped=skip,
+        )
         running, seen, in_window = 0.0, 0, 0
         for i, batch in enumerate(self.train_data):
             if i < skip:
@@ -235,11 +276,13 @@ class FineTuner:
             with torch.no_grad():
                 reference = self.teacher(*inputs)
             loss = loss + self.cfg.distill * tasks.distillation(
-                outputs, reference, targets, self.cfg.temperature)
+                outputs, reference, targets, self.cfg.temperature
+            )
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(
-                f"loss became {value} at epoch {epoch}, window {self.window_index}, step {self.step}; "
+                f"loss became {value} at epoch {epoch}, window {self.window_index}, "
+                f"step {self.step}; "
                 "lower the learning rate or check the data"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -256,8 +299,17 @@ class FineTuner:
         self.simp.pause_means(True)
         metric = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
         self.simp.pause_means(False)
-        record = WindowRecord(phase.kind, phase.cycle, epoch, self.window_index, self.step, loss,
-                              metric, self.simp.widths(), pruned)
+        record = WindowRecord(
+            phase.kind,
+            phase.cycle,
+            epoch,
+            self.window_index,
+            self.step,
+            loss,
+            metric,
+            self.simp.widths(),
+            pruned,
+        )
         self.history.append(record)
         emit(self.sink, "window", **record.to_dict())
         self._check_guard(metric)
@@ -329,25 +381,35 @@ class FineTuner:
         guard = None
         if self._guard is not None:
             snap = self._guard["snapshot"]
-            guard = {"keys": self._guard["keys"], "age": self._guard["age"],
-                     "plan": snap["bench"]["plan"].to_dict(), "model": _cpu_state(snap["model"]),
-                     "optimizer": snap["optimizer"], "tracker": snap["tracker"]}
-        self.checkpointer.save({
-            "config": self.cfg.to_dict(),
-            "epoch": epoch, "batch": batch, "window": self.window_index, "step": self.step,
-            "plan": self.simp.plan.to_dict(),
-            "model": _cpu_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
-            "tracker": self.tracker.state_dict(),
-            "history": [r.to_dict() for r in self.history],
-            "rollbacks": [r.to_dict() for r in self.rollbacks],
-            "frozen": sorted(self.frozen),
-            "metric_before": self.metric_before,
-            "examples": self.simp.examples,
-            "guard": guard,
-            "epoch_rng": self.epoch_rng,
-            "rng": rng_state(),
-        })
+            guard = {
+                "keys": self._guard["keys"],
+                "age": self._guard["age"],
+                "plan": snap["bench"]["plan"].to_dict(),
+                "model": _cpu_state(snap["model"]),
+                "optimizer": snap["optimizer"],
+                "tracker": snap["tracker"],
+            }
+        self.checkpointer.save(
+            {
+                "config": self.cfg.to_dict(),
+                "epoch": epoch,
+                "batch": batch,
+                "window": self.window_index,
+                "step": self.step,
+                "plan": self.simp.plan.to_dict(),
+                "model": _cpu_state(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "tracker": self.tracker.state_dict(),
+                "history": [r.to_dict() for r in self.history],
+                "rollbacks": [r.to_dict() for r in self.rollbacks],
+                "frozen": sorted(self.frozen),
+                "metric_before": self.metric_before,
+                "examples": self.simp.examples,
+                "guard": guard,
+                "epoch_rng": self.epoch_rng,
+                "rng": rng_state(),
+            }
+        )
         emit(self.sink, "checkpoint", epoch=epoch, batch=batch, window=self.window_index)
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
@@ -372,9 +434,16 @@ class FineTuner:
             bench = self.simp.state_for(plan)
             self.simp.replay(pristine, plan, update=False)
             pristine.load_state_dict(guard["model"])
-            self._guard = {"keys": list(guard["keys"]), "age": int(guard["age"]),
-                           "snapshot": {"model": pristine, "optimizer": guard["optimizer"],
-                                        "tracker": guard["tracker"], "bench": bench}}
+            self._guard = {
+                "keys": list(guard["keys"]),
+                "age": int(guard["age"]),
+                "snapshot": {
+                    "model": pristine,
+                    "optimizer": guard["optimizer"],
+                    "tracker": guard["tracker"],
+                    "bench": bench,
+                },
+            }
         epoch, batch = int(state["epoch"]), int(state["batch"])
         for _ in range(epoch):  # advance loaders that keep their own generator past those epochs
             for _ in self.train_data:

@@ -1,4 +1,4 @@
-"""Two CPU workers (gloo) under torchrun: same plan and weights on every rank, close to one process."""
+"""Two CPU workers (gloo) under torchrun: one plan and the same weights on every rank."""
 
 from __future__ import annotations
 
@@ -17,8 +17,18 @@ WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
 
 def _run(kind: str, out: Path, batch: int, nproc: int) -> None:
     env = {**os.environ, "MESIMP_DIST_TIMEOUT": "120", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--standalone", str(WORKER), kind, str(out), str(batch)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--standalone",
+        str(WORKER),
+        kind,
+        str(out),
+        str(batch),
+    ]
     if nproc == 1:
         command = [sys.executable, str(WORKER), kind, str(out), str(batch)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -54,5 +64,12 @@ def test_shard_splits_batches_evenly_and_drops_the_remainder():
 def test_launch_command_reruns_the_cli_under_torchrun():
     cmd = launch_command(4, ["compress", "m.py:f", "--data", "d.py:g", "--out", "o"])
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node"]
-    assert cmd[4] == "4" and cmd[-7:] == ["mesimp_compress.cli", "compress", "m.py:f",
-                                          "--data", "d.py:g", "--out", "o"]
+    assert cmd[4] == "4" and cmd[-7:] == [
+        "mesimp_compress.cli",
+        "compress",
+        "m.py:f",
+        "--data",
+        "d.py:g",
+        "--out",
+        "o",
+    ]

@@ -8,7 +8,6 @@ import torch
 
 from .settings import MePropSettings
 
-
 _SYNC: dict[str, object] = {"on": False, "group": None}
 
 
