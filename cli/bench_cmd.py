@@ -21,7 +21,8 @@ takes each --batch size, a symbolic sequence axis --seq; all models must take th
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench", help=HELP, no_args_is_help=True)(bench)
+    app.command("bench", help=HELP, short_help="Time ONNX models side by side in onnxruntime.",
+                no_args_is_help=True)(bench)
 
 
 @handle_errors

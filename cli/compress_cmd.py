@@ -19,7 +19,8 @@ batches, or a built-in name (animal-mnist, animal-mnist-images, digits, turkish-
 
 
 def register(app: typer.Typer) -> None:
-    app.command("compress", help=HELP, no_args_is_help=True)(compress)
+    app.command("compress", help=HELP, no_args_is_help=True,
+                short_help="Fine-tune, prune, export and prove: the whole job.")(compress)
 
 
 @handle_errors

@@ -33,7 +33,8 @@ DTYPES = {
 
 
 def register(app: typer.Typer) -> None:
-    app.command("export", help=HELP, no_args_is_help=True)(export)
+    app.command("export", help=HELP, short_help="Export a model to ONNX, checked against PyTorch.",
+                no_args_is_help=True)(export)
 
 
 @handle_errors

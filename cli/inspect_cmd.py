@@ -17,7 +17,8 @@ DIR may also be the report.json file itself."""
 
 
 def register(app: typer.Typer) -> None:
-    app.command("inspect", help=HELP, no_args_is_help=True)(inspect)
+    app.command("inspect", help=HELP, short_help="Print the report of a compressed model folder.",
+                no_args_is_help=True)(inspect)
 
 
 @handle_errors
