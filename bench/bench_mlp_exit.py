@@ -48,7 +48,7 @@ CACHE = ROOT / "runs" / "bench_mlp"
 
 # The configuration this bench recommends (explicit, so it does not drift with config.py).
 BEST: dict[str, Any] = dict(k=0.25, prune_rate=0.1, window=0.125, epochs=2, cycles=1,
-                            recovery_epochs=2, distill=0.5, temperature=2.0, compensate=True,
+                            recovery_epochs=2, distill=0.5, temperature=2.0, compensate=False,
                             lr=1e-3, optimizer="adam", normal_backprop="dense")
 
 
