@@ -48,7 +48,7 @@ def main() -> None:
     train = DataLoader(TensorDataset(x[:n], y[:n]), batch_size=batch, shuffle=False)
     evaluation = DataLoader(TensorDataset(x[n:], y[n:]), batch_size=64)
     cfg = mc.CompressConfig(k=10, epochs=1, cycles=1, recovery_epochs=1, window=0.25, lr=1e-3,
-                            distill=0.0, threads=1)
+                            distill=0.0, threads=1, compensate=True)  # means all-reduced too
     result = mc.compress(model, train, evaluation, config=cfg)
     rank = int(__import__("os").environ.get("RANK", "0"))
     out.mkdir(parents=True, exist_ok=True)

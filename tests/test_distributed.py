@@ -73,3 +73,36 @@ def test_launch_command_reruns_the_cli_under_torchrun():
         "--out",
         "o",
     ]
+
+
+def _reduce_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mesimp_compress.distributed import all_reduce_means
+    from mesimp_compress.meprop.functions import sync_selection, unified_units
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    sums = {"a": torch.full((3,), float(rank + 1)), "b": torch.tensor([rank * 10.0])}
+    counts = {"a": 2 + rank, "b": 1}
+    all_reduce_means(sums, counts)
+    score = torch.tensor([5.0, 0.0, 1.0, 0.0]) if rank == 0 else torch.tensor([0.0, 4.0, 1.0, 3.0])
+    alone = sorted(unified_units(score.clone(), 2).tolist())
+    sync_selection(True)
+    together = sorted(unified_units(score.clone(), 2).tolist())
+    sync_selection(False)
+    torch.save({"sums": sums, "counts": counts, "alone": alone, "together": together},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_means_and_topk_scores_are_summed_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reduce_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for g in got:
+        assert torch.equal(g["sums"]["a"], torch.full((3,), 3.0))
+        assert torch.equal(g["sums"]["b"], torch.tensor([10.0]))
+        assert g["counts"] == {"a": 5, "b": 2}
+        assert g["together"] == [0, 1]  # summed scores: 5, 4, 2, 3
+    assert got[0]["alone"] == [0, 2] and got[1]["alone"] == [1, 3]
