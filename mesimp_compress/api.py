@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 from . import distributed
-from .batches import first_batch, split_batch, to_device
+from .batches import first_batch, to_device
 from .config import CompressConfig
 from .errors import CheckpointError, ConfigError, DataError, ParityError, ShapeError
 from .events import EventSink, emit
-from .meprop.functions import sync_selection
 from .outputs import OutputDir
 from .simplify import Simplifier
 from .training import FineTuner, Rollback, WindowRecord
@@ -107,13 +106,15 @@ def _run(
     _seed(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    device = torch.device(cfg.device)  # validated by compress()
 
-    example_inputs, _ = first_batch(train, where="train data")
+    # one batch for the checks, the trace and the export (a shuffled loader yields another
+    # first batch on every pass, so inputs and targets must come from the same one)
+    example_inputs, example_targets = first_batch(train, where="train data")
     first_batch(eval_data, where="eval data")
     original = copy.deepcopy(model).to(device).eval()
     working = copy.deepcopy(model).to(device)
-    _check_forward(original, train, loss, metric)
+    _check_forward(original, example_inputs, example_targets, loss, metric)
 
     simplifier = Simplifier.build(working, to_device(example_inputs, device), cfg)
     emit(sink, "structure", groups=simplifier.widths(), skipped=simplifier.skipped())
@@ -131,10 +132,7 @@ def _run(
         resume=state,
         world=world,
     )
-    try:
-        tuned = tuner.run()
-    finally:
-        sync_selection(False)
+    tuned = tuner.run()
     plan = simplifier.final_plan()
     result = CompressResult(
         model=tuned.model,
@@ -249,13 +247,12 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _check_forward(model: nn.Module, train: Iterable[Any], loss: Any, metric: Any) -> None:
-    """Run the model and the loss on the first batch, so shape errors surface before training."""
+def _check_forward(
+    model: nn.Module, inputs: tuple[Any, ...], targets: Any, loss: Any, metric: Any
+) -> None:
+    """Run the model and the loss on one batch, so shape errors surface before training."""
     from . import tasks
 
-    # inputs and targets of one batch: a shuffled loader yields another first batch each pass
-    batch = next(iter(train))
-    inputs, targets = split_batch(batch, where="train data")
     device = next(model.parameters()).device
     inputs, targets = to_device(inputs, device), to_device(targets, device)
     try:

@@ -91,10 +91,10 @@ def _prove(
     from .report import build_report, layer_rows, write_report
     from .sizes import check_shrunk
     from .surgery import save_compressed
-    from .verify import check_parity, evaluate_onnx, parity_inputs
+    from .verify import check_parity, evaluate_onnx, make_session, parity_inputs
 
-    before = copy.deepcopy(original).cpu().eval()
-    after = copy.deepcopy(compressed).cpu().eval()
+    before = original.cpu().eval()  # the run's own copy, not needed on the device any more
+    after = copy.deepcopy(compressed).cpu().eval()  # the caller keeps result.model where it was
     inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     paths = {ORIGINAL: output.file("original.onnx"), COMPRESSED: output.file("model.onnx")}
     with tempfile.TemporaryDirectory(prefix="mesimp-ref-") as scratch:
@@ -113,10 +113,11 @@ def _prove(
         )
 
         emit(sink, "stage", message="checking parity in onnxruntime")
+        sessions = {label: make_session(paths[label]) for label in (ORIGINAL, COMPRESSED)}
         batches = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
         parity = {
             label: check_parity(
-                paths[label],
+                sessions[label],
                 model,
                 batches,
                 atol=cfg.atol,
@@ -132,8 +133,8 @@ def _prove(
             "name": getattr(metric, "__name__", None) or "accuracy",
             "torch_before": tuned.metric_before,
             "torch_after": tuned.metric_after,
-            "ort_before": evaluate_onnx(paths[ORIGINAL], eval_data, metric, input_names=names),
-            "ort_after": evaluate_onnx(paths[COMPRESSED], eval_data, metric, input_names=names),
+            "ort_before": evaluate_onnx(sessions[ORIGINAL], eval_data, metric, input_names=names),
+            "ort_after": evaluate_onnx(sessions[COMPRESSED], eval_data, metric, input_names=names),
         }
 
         timed = {ORIGINAL: paths[ORIGINAL], COMPRESSED: paths[COMPRESSED]}
@@ -145,8 +146,9 @@ def _prove(
 
             emit(sink, "stage", message="quantizing the compressed model to int8")
             timed[INT8] = quantize_int8(paths[COMPRESSED], output.file("model.int8.onnx"))
+            int8 = make_session(timed[INT8])
             parity[INT8] = check_parity(
-                timed[INT8],
+                int8,
                 after,
                 batches,
                 atol=INT8_TOLERANCE[0],
@@ -155,7 +157,7 @@ def _prove(
                 input_names=names,
                 raise_on_fail=False,
             )
-            metrics["int8"] = evaluate_onnx(timed[INT8], eval_data, metric, input_names=names)
+            metrics["int8"] = evaluate_onnx(int8, eval_data, metric, input_names=names)
 
         emit(sink, "stage", message="timing in onnxruntime (interleaved)")
         threads = sorted({1, cfg.bench_threads, os.cpu_count() or 1})

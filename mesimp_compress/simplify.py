@@ -60,7 +60,6 @@ class Simplifier:
         self.original_widths = structure.widths()
         self.plan = Plan({}, {}, [])
         self.output_layer = config.output_layer or output_layer_of(model)
-        self.examples = 0
         self.means: ActivationMeans | None = None
         if config.compensate:
             self.means = ActivationMeans(model, self._consumers(model))
@@ -131,16 +130,9 @@ class Simplifier:
 
     def activity(self, tracker: ActivityTracker) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """This window's hits and examples per prunable key (summed over writers)."""
-        recorded = set(tracker.keys())
-        hits: dict[str, torch.Tensor] = {}
-        examples: dict[str, int] = {}
-        for key in self._keys:
-            sources = [w for w in self.writers(key) if w in recorded]
-            if not sources:
-                continue
-            hits[key] = sum(tracker.window_hits(w) for w in sources)
-            examples[key] = sum(tracker.window_examples(w) for w in sources)
-        return hits, examples
+        return self._summed(tracker, tracker.window_hits), self._summed(
+            tracker, tracker.window_examples
+        )
 
     def select_activity(self, tracker: ActivityTracker, kept: Mapping[str, Any]) -> None:
         """Keep only the counters of kept units (current indexing) after a prune."""
@@ -148,30 +140,24 @@ class Simplifier:
             for writer in self.writers(key):
                 tracker.select(writer, idx)
 
-    def total_hits(self, tracker: ActivityTracker | None = None) -> dict[str, list[int]]:
-        """Hits per kept unit since the start, per key (empty without a tracker)."""
-        if tracker is None:
-            return {}
+    def total_hits(self, tracker: ActivityTracker) -> dict[str, list[int]]:
+        """Hits per kept unit since the start, per key."""
+        hits = self._summed(tracker, tracker.total_hits)
+        return {key: [int(v) for v in h] for key, h in hits.items()}
+
+    def total_examples(self, tracker: ActivityTracker) -> dict[str, int]:
+        """Examples seen since the start, per key (the base of :meth:`total_hits`)."""
+        return self._summed(tracker, tracker.total_examples)
+
+    def _summed(self, tracker: ActivityTracker, read: Any) -> dict[str, Any]:
+        """``read(writer)`` summed over the recorded writers of every prunable key."""
         recorded = set(tracker.keys())
         out = {}
         for key in self._keys:
             sources = [w for w in self.writers(key) if w in recorded]
             if sources:
-                out[key] = [int(v) for v in sum(tracker.total_hits(w) for w in sources)]
+                out[key] = sum(read(w) for w in sources)
         return out
-
-    def total_examples(self, tracker: ActivityTracker) -> dict[str, int]:
-        """Examples seen since the start, per key (the base of :meth:`total_hits`)."""
-        recorded = set(tracker.keys())
-        return {
-            key: sum(tracker.total_examples(w) for w in self.writers(key) if w in recorded)
-            for key in self._keys
-            if any(w in recorded for w in self.writers(key))
-        }
-
-    def observe_batch(self, n: int) -> None:
-        """Count training examples seen (for the report)."""
-        self.examples += n
 
     # ------------------------------------------------------------------ surgery
     def prune(

@@ -141,7 +141,7 @@ class FineTuner:
     # ------------------------------------------------------------------ public
     def run(self) -> FineTuneResult:
         """Run every phase (from the checkpoint, when resuming) and return the compressed model."""
-        self.wrapped = apply_meprop(
+        apply_meprop(
             self.model,
             self.cfg.k,
             mode=self.cfg.mode,
@@ -153,8 +153,36 @@ class FineTuner:
         )
         self.optimizer = self._make_optimizer()
         self.net = wrap(self.model, self.world, self.device)
-        sync_selection(self.world.distributed)
         self._guard: dict[str, Any] | None = None
+        sync_selection(self.world.distributed)
+        try:
+            self._phases()
+        finally:
+            sync_selection(False)
+        remove_meprop(self.model)
+        self.simp.detach_means(self.model)
+        metric_after = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
+        emit(
+            self.sink,
+            "done",
+            metric_before=self.metric_before,
+            metric_after=metric_after,
+            widths=self.simp.widths(),
+        )
+        return FineTuneResult(
+            model=self.model,
+            kept=self.simp.kept_original(),
+            history=self.history,
+            rollbacks=self.rollbacks,
+            metric_before=self.metric_before,
+            metric_after=metric_after,
+            hits=self.simp.total_hits(self.tracker),
+            examples=self.simp.total_examples(self.tracker),
+        )
+
+    # ------------------------------------------------------------------ phases
+    def _phases(self) -> None:
+        """Every epoch of every phase, from the checkpoint's position when resuming."""
         start_epoch, start_batch, rng = 0, 0, None
         if self.resume is not None:
             start_epoch, start_batch, rng = self._restore(self.resume)
@@ -188,29 +216,7 @@ class FineTuner:
                         rng=rng if resuming else None,
                     )
                 epoch_no += 1
-        sync_selection(False)
-        remove_meprop(self.model)
-        self.simp.detach_means(self.model)
-        metric_after = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
-        emit(
-            self.sink,
-            "done",
-            metric_before=self.metric_before,
-            metric_after=metric_after,
-            widths=self.simp.widths(),
-        )
-        return FineTuneResult(
-            model=self.model,
-            kept=self.simp.kept_original(),
-            history=self.history,
-            rollbacks=self.rollbacks,
-            metric_before=self.metric_before,
-            metric_after=metric_after,
-            hits=self.simp.total_hits(self.tracker),
-            examples=self.simp.total_examples(self.tracker),
-        )
 
-    # ------------------------------------------------------------------ phases
     def _enter(self, phase: Phase) -> None:
         dense = phase.kind == "normal" and self.cfg.normal_backprop == "dense"
         set_k(self.model, None if dense else self.cfg.k)
@@ -269,7 +275,6 @@ class FineTuner:
     def _train_step(self, batch: Any, epoch: int) -> float:
         inputs, targets = split_batch(batch, where="train data")
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-        self.simp.observe_batch(batch_size(inputs))
         outputs = self.net(*inputs)
         loss = self.loss_fn(outputs, targets)
         if self.teacher is not None:
@@ -404,7 +409,6 @@ class FineTuner:
                 "rollbacks": [r.to_dict() for r in self.rollbacks],
                 "frozen": sorted(self.frozen),
                 "metric_before": self.metric_before,
-                "examples": self.simp.examples,
                 "guard": guard,
                 "epoch_rng": self.epoch_rng,
                 "rng": rng_state(),
@@ -425,7 +429,6 @@ class FineTuner:
         self.rollbacks = [Rollback(**r) for r in state["rollbacks"]]
         self.frozen = set(state["frozen"])
         self.metric_before = float(state["metric_before"])
-        self.simp.examples = int(state["examples"])
         self.step, self.window_index = int(state["step"]), int(state["window"])
         self.epoch_rng = state["epoch_rng"]
         guard = state.get("guard")

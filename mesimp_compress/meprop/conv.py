@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from . import rowgrad
 from .functions import per_example_units, record_hook, unified_units
-from .settings import MePropSettings, build_settings
+from .settings import MePropSettings, Swappable, build_settings, runs_dense
 
 
 class _Conv2dFn(torch.autograd.Function):
@@ -85,13 +85,14 @@ class _Conv2dFn(torch.autograd.Function):
         return grad_x if needs[0] else None, grad_w, grad_b, None, None, None, None, None, None
 
 
-class MePropConv2d(nn.Conv2d):
+class MePropConv2d(Swappable, nn.Conv2d):
     """nn.Conv2d whose backward keeps only the top-k output channels (see module docstring).
 
     ``k`` is an int, a fraction of ``out_channels`` in (0, 1], or None (dense backprop);
     a k at or above the current width gives exact dense backprop.
     """
 
+    BASE = nn.Conv2d
     meprop: MePropSettings
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
@@ -107,24 +108,12 @@ class MePropConv2d(nn.Conv2d):
     def wrap(cls, module: nn.Conv2d, k: int | float | None, *, mode: str = "unified",
              sparse_bias: bool = False, key: str = "", tracker: Any = None) -> MePropConv2d:
         """Turn ``module`` itself into a MePropConv2d (same object, same Parameters)."""
-        settings = _settings(module, key, k, mode, sparse_bias, tracker)
-        module.__class__ = cls
-        module.meprop = settings
-        return module
-
-    def unwrap(self) -> nn.Conv2d:
-        """Turn this module back into a plain nn.Conv2d (same object, same Parameters)."""
-        del self.meprop
-        self.__class__ = nn.Conv2d
-        return self
+        return cls._swap_in(module, _settings(module, key, k, mode, sparse_bias, tracker))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
         s = self.meprop
         weight = self.weight
-        if s.k is None or not torch.is_grad_enabled() or not (
-            input.requires_grad or weight.requires_grad
-            or (self.bias is not None and self.bias.requires_grad)
-        ):
+        if runs_dense(s, input, weight, self.bias):
             return self._conv_forward(input, weight, self.bias)
         width = weight.shape[0]
         batched = input.dim() == 4

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from . import rowgrad
 from .functions import per_example_units, record_hook, unified_units
-from .settings import MePropSettings, build_settings
+from .settings import MePropSettings, Swappable, build_settings, runs_dense
 
 
 class _LinearFn(torch.autograd.Function):
@@ -73,13 +73,14 @@ class _LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-class MePropLinear(nn.Linear):
+class MePropLinear(Swappable, nn.Linear):
     """nn.Linear whose backward keeps only the top-k output gradients (see module docstring).
 
     ``k`` is an int, a fraction of ``out_features`` in (0, 1], or None (dense backprop);
     a k at or above the current width gives exact dense backprop.
     """
 
+    BASE = nn.Linear
     meprop: MePropSettings
 
     def __init__(
@@ -103,24 +104,12 @@ class MePropLinear(nn.Linear):
     def wrap(cls, module: nn.Linear, k: int | float | None, *, mode: str = "unified",
              sparse_bias: bool = False, key: str = "", tracker: Any = None) -> MePropLinear:
         """Turn ``module`` itself into a MePropLinear (same object, same Parameters)."""
-        settings = _settings(module, key, k, mode, sparse_bias, tracker)
-        module.__class__ = cls
-        module.meprop = settings
-        return module
-
-    def unwrap(self) -> nn.Linear:
-        """Turn this module back into a plain nn.Linear (same object, same Parameters)."""
-        del self.meprop
-        self.__class__ = nn.Linear
-        return self
+        return cls._swap_in(module, _settings(module, key, k, mode, sparse_bias, tracker))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
         s = self.meprop
         weight = self.weight
-        if s.k is None or not torch.is_grad_enabled() or not (
-            input.requires_grad or weight.requires_grad
-            or (self.bias is not None and self.bias.requires_grad)
-        ):
+        if runs_dense(s, input, weight, self.bias):
             return F.linear(input, weight, self.bias)
         width = weight.shape[0]
         if s.k >= width:

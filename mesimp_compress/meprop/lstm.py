@@ -32,16 +32,17 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import ConfigError, ShapeError
 from .lstm_bptt import LayerPlan, LSTMLayerFn, layout
-from .settings import MePropSettings, build_settings
+from .settings import MePropSettings, Swappable, build_settings
 
 
-class MePropLSTM(nn.LSTM):
+class MePropLSTM(Swappable, nn.LSTM):
     """nn.LSTM whose backward keeps only the top-k hidden units per layer and direction.
 
     ``k`` is an int, a fraction of ``hidden_size`` in (0, 1], or None (dense backprop); a k at
     or above the current hidden size runs nn.LSTM itself (exact dense backprop).
     """
 
+    BASE = nn.LSTM
     meprop: MePropSettings
 
     def __init__(self, *args: Any, k: int | float | None = None, mode: str = "unified",
@@ -57,16 +58,7 @@ class MePropLSTM(nn.LSTM):
         ``sparse_bias`` is accepted for symmetry and has no effect: the gate biases always
         follow the selected units.
         """
-        settings = _settings(module, key, k, mode, tracker)
-        module.__class__ = cls
-        module.meprop = settings
-        return module
-
-    def unwrap(self) -> nn.LSTM:
-        """Turn this module back into a plain nn.LSTM (same object, same Parameters)."""
-        del self.meprop
-        self.__class__ = nn.LSTM
-        return self
+        return cls._swap_in(module, _settings(module, key, k, mode, tracker))
 
     def layer_keys(self) -> list[str]:
         """The activity keys of this LSTM, per layer and direction."""

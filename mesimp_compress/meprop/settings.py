@@ -31,6 +31,37 @@ class MePropSettings:
     tracker: ActivityTracker | None = None
 
 
+class Swappable:
+    """The in-place class swap shared by the meProp layers. A wrapped layer is the very same
+    module object with its class changed to the meProp subclass, so its Parameters, hooks and
+    state_dict keys stay; ``unwrap`` changes it back to ``BASE``, the plain torch class."""
+
+    BASE: type
+    meprop: MePropSettings
+
+    @classmethod
+    def _swap_in(cls, module: Any, settings: MePropSettings) -> Any:
+        module.__class__ = cls
+        module.meprop = settings
+        return module
+
+    def unwrap(self) -> Any:
+        """Turn this module back into its plain torch class (same object, same Parameters)."""
+        del self.meprop
+        self.__class__ = self.BASE
+        return self
+
+
+def runs_dense(s: MePropSettings, input: Any, weight: Any, bias: Any) -> bool:
+    """Whether a layer simply runs its plain forward: dense backprop (k is None), no grad
+    mode, or nothing that would receive a gradient."""
+    import torch
+
+    return s.k is None or not torch.is_grad_enabled() or not (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
 def build_settings(
     layer: str, width: int, k: Any, mode: str, sparse_bias: bool, tracker: Any
 ) -> MePropSettings:

@@ -102,14 +102,8 @@ def _fold_matrix(
     return cols @ mean.to(cols).index_select(0, removed)
 
 
-@register_pruner
-class LinearPruner(ModulePruner):
-    """nn.Linear: ``out`` = rows of weight and bias, ``in`` = columns of weight."""
-
-    kinds = (nn.Linear,)
-
-    def sizes(self, module):
-        return {ROLE_OUT: module.out_features, ROLE_IN: module.in_features}
+class _RowsColumnsPruner(ModulePruner):
+    """Weight (out, in, ...): ``out`` = rows of weight and bias, ``in`` = columns of weight."""
 
     def slices(self, module, kept):
         out = []
@@ -123,6 +117,16 @@ class LinearPruner(ModulePruner):
 
     def reads(self, module, role, removed):
         return [Slice("weight", 1, removed)] if role == ROLE_IN else []
+
+
+@register_pruner
+class LinearPruner(_RowsColumnsPruner):
+    """nn.Linear: ``out`` = rows of weight and bias, ``in`` = columns of weight."""
+
+    kinds = (nn.Linear,)
+
+    def sizes(self, module):
+        return {ROLE_OUT: module.out_features, ROLE_IN: module.in_features}
 
     def fold(self, module, role, removed, mean):
         if role != ROLE_IN:
@@ -139,7 +143,7 @@ class LinearPruner(ModulePruner):
 
 
 @register_pruner
-class Conv2dPruner(ModulePruner):
+class Conv2dPruner(_RowsColumnsPruner):
     """nn.Conv2d (groups=1): ``out`` = output channels, ``in`` = input channels."""
 
     kinds = (nn.Conv2d,)
@@ -151,19 +155,6 @@ class Conv2dPruner(ModulePruner):
         if module.groups != 1:
             return f"grouped convolution (groups={module.groups}) is not supported"
         return super().problem(module)
-
-    def slices(self, module, kept):
-        out = []
-        if ROLE_OUT in kept:
-            out.append(Slice("weight", 0, kept[ROLE_OUT]))
-            if module.bias is not None:
-                out.append(Slice("bias", 0, kept[ROLE_OUT]))
-        if ROLE_IN in kept:
-            out.append(Slice("weight", 1, kept[ROLE_IN]))
-        return out
-
-    def reads(self, module, role, removed):
-        return [Slice("weight", 1, removed)] if role == ROLE_IN else []
 
     def fold(self, module, role, removed, mean):
         # Exact where the kernel sees no zero padding; at padded borders the removed
