@@ -73,6 +73,14 @@ def compress(
     distill: float | None = typer.Option(
         None, "--distill", help="Weight of distillation from the original (0 = off)."
     ),
+    distill_layers: list[str] | None = typer.Option(
+        None,
+        "--distill-layers",
+        help="Match these layers' outputs (patterns) to the original's (layer distillation).",
+    ),
+    layer_weight: float | None = typer.Option(
+        None, "--layer-weight", help="Weight of the layer distillation loss."
+    ),
     min_width: int | None = typer.Option(
         None, "--min-width", help="Never shrink a layer below this."
     ),
@@ -99,10 +107,11 @@ def compress(
         "--sparse-update/--dense-update",
         help="Row-sparse optimizer step: only rows with a gradient move (faster; lazy moments).",
     ),
-    compensate: bool | None = typer.Option(
+    compensate: str | None = typer.Option(
         None,
-        "--compensate/--no-compensate",
-        help="Fold removed units' mean contribution into the next layer's bias.",
+        "--compensate",
+        help="What the next layer reads instead of removed units: off, mean (into its bias) "
+        "or linear (least-squares prediction from the kept units, into its weight and bias).",
     ),
     bench_seq: int | None = typer.Option(
         None, "--bench-seq", help="Sequence length of the latency benchmark (default: the data's)."
@@ -157,6 +166,8 @@ def compress(
         "lr": lr,
         "optimizer": optimizer,
         "distill": distill,
+        "distill_layers": distill_layers or None,
+        "layer_weight": layer_weight,
         "min_width": min_width,
         "round_to": round_to,
         "include": include or None,

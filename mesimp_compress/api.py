@@ -120,7 +120,7 @@ def _run(
     emit(sink, "structure", groups=simplifier.widths(), skipped=simplifier.skipped())
     tuner = FineTuner(
         working,
-        original if cfg.distill > 0 else None,
+        original if cfg.distill > 0 or cfg.distill_layers else None,
         train,
         eval_data,
         simplifier,

@@ -23,6 +23,7 @@ else:  # pragma: no cover - Python 3.10
 MODES = ("unified", "per_example")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 NORMAL_BACKPROP = ("dense", "meprop")
+COMPENSATE = ("off", "mean", "linear")
 MAX_THREADS = 1024  # OpenMP tries to allocate a pool for any count: 10**9 aborts the process
 
 
@@ -59,12 +60,19 @@ class CompressConfig:
     exclude: list[str] = field(default_factory=list)
     output_layer: str | None = None
     allow_residual: bool = False
-    compensate: bool = False
-    """Fold the removed units' mean contribution into the consumer's bias. Off by default:
-    no measurable gain on the MLP, and it hurts where a few units carry rare huge
-    activations (MiniLM's FFNs: the mean is far from the typical value)."""
+    compensate: str = "off"
+    """What the layers reading removed units get instead: "off" (nothing), "mean" (their
+    mean, folded into the consumer's bias) or "linear" (their least-squares prediction
+    from the kept units, folded into the consumer's weight and bias; measured on the MLP:
+    +0.8 points, ahead of the Torch-Pruning peer). TOML/API booleans mean "mean" (true) and
+    "off" (false)."""
     distill: float = 0.5
     """Weight of distillation from the original model (0 = task loss only)."""
+    distill_layers: list[str] = field(default_factory=list)
+    """Module-name patterns whose outputs are matched to the original model's (layer
+    distillation: relative squared error, weight ``layer_weight``); for layers whose output
+    keeps its width, e.g. ``"encoder.layer.*"`` of a transformer whose FFNs are pruned."""
+    layer_weight: float = 1.0
     temperature: float = 2.0
     max_drop: float | None = None
     """Roll back a prune whose metric falls more than this below the original."""
@@ -93,6 +101,9 @@ class CompressConfig:
         _choice("mode", self.mode, MODES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("normal_backprop", self.normal_backprop, NORMAL_BACKPROP)
+        if isinstance(self.compensate, bool):  # the earlier on/off switch
+            self.compensate = "mean" if self.compensate else "off"
+        _choice("compensate", self.compensate, COMPENSATE)
         _range("prune_rate", self.prune_rate, 0.0, 1.0, low_open=False)
         _range("window", self.window, 0.0, 1.0, low_open=True)
         _int_min("epochs", self.epochs, 0)
@@ -104,6 +115,7 @@ class CompressConfig:
         _int_min("round_to", self.round_to, 1)
         _range("distill", self.distill, 0.0, math.inf, low_open=False)
         _range("temperature", self.temperature, 0.0, math.inf, low_open=True)
+        _range("layer_weight", self.layer_weight, 0.0, math.inf, low_open=False)
         if self.max_drop is not None:
             _range("max_drop", self.max_drop, 0.0, math.inf, low_open=False)
         _int_min("recovery_windows", self.recovery_windows, 1)
@@ -117,7 +129,7 @@ class CompressConfig:
             raise ConfigError(
                 f"batches must be a non-empty list of positive ints, got {self.batches!r}"
             )
-        for name in ("include", "exclude"):
+        for name in ("include", "exclude", "distill_layers"):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name} must be a list of module-name patterns, got {value!r}")
@@ -182,6 +194,7 @@ _FLOAT_KEYS = {
     "window",
     "lr",
     "weight_decay",
+    "layer_weight",
     "distill",
     "temperature",
     "max_drop",
@@ -201,9 +214,9 @@ _INT_KEYS = {
     "bench_seq",
     "opset",
 }
-_BOOL_KEYS = {"sparse_update", "sparse_bias", "allow_residual", "compensate", "quantize"}
+_BOOL_KEYS = {"sparse_update", "sparse_bias", "allow_residual", "quantize"}
 _STR_KEYS = {"mode", "optimizer", "normal_backprop", "device", "output_layer"}
-_LIST_KEYS = {"include", "exclude", "batches"}
+_LIST_KEYS = {"include", "exclude", "batches", "distill_layers"}
 
 
 def _is_int(v: Any) -> bool:
@@ -229,6 +242,12 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if key in _BOOL_KEYS:
         if not isinstance(value, bool):
             raise bad("true or false")
+        return value
+    if key == "compensate":
+        if isinstance(value, bool):
+            return "mean" if value else "off"
+        if not isinstance(value, str):
+            raise bad(f"one of {', '.join(COMPENSATE)} (or true/false)")
         return value
     if key in _STR_KEYS:
         if not isinstance(value, str):

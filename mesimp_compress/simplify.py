@@ -61,8 +61,8 @@ class Simplifier:
         self.plan = Plan({}, {}, [])
         self.output_layer = config.output_layer or output_layer_of(model)
         self.means: ActivationMeans | None = None
-        if config.compensate:
-            self.means = ActivationMeans(model, self._consumers(model))
+        if config.compensate != "off":
+            self.means = self._measure(model)
         self._keys = self._choose_keys()
 
     @classmethod
@@ -207,7 +207,11 @@ class Simplifier:
         if self.means is not None:
             self.means.close()
             _strip_means_hooks(model)
-            self.means = ActivationMeans(model, self._consumers(model))
+            self.means = self._measure(model)
+
+    def _measure(self, model: nn.Module) -> ActivationMeans:
+        return ActivationMeans(model, self._consumers(model),
+                               covariance=self.cfg.compensate == "linear")
 
     def state_for(self, plan: Plan) -> dict[str, Any]:
         """The :meth:`state` of this run at the point where ``plan`` had been applied."""

@@ -26,6 +26,7 @@ from .config import CompressConfig
 from .distributed import World, wrap
 from .errors import NonFiniteLossError, ShapeError
 from .events import EventSink, emit
+from .features import captured, layer_loss, matched_layers
 from .meprop import apply_meprop, remove_meprop, set_k
 from .meprop.functions import sync_selection
 from .plan import Plan
@@ -120,8 +121,13 @@ class FineTuner:
         self.epoch_rng: dict[str, Any] | None = None  # generators at the start of this epoch
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
+        wants_teacher = config.distill > 0 or bool(config.distill_layers)
         self.teacher = (
-            teacher.to(self.device).eval() if teacher is not None and config.distill > 0 else None
+            teacher.to(self.device).eval() if teacher is not None and wants_teacher else None
+        )
+        self.layers = (
+            matched_layers(self.teacher, config.distill_layers)
+            if self.teacher is not None and config.distill_layers else []
         )
         self.train_data, self.eval_data = train, eval_data
         self.simp = simplifier
@@ -222,6 +228,7 @@ class FineTuner:
         set_k(self.model, None if dense else self.cfg.k)
         self.tracker.reset_window()
         self.simp.reset_means()
+        self.simp.pause_means(phase.kind != "prune")  # only prunes use them
         emit(self.sink, "phase", phase=phase.kind, cycle=phase.cycle, epochs=phase.epochs)
 
     def _epoch(
@@ -275,14 +282,20 @@ class FineTuner:
     def _train_step(self, batch: Any, epoch: int) -> float:
         inputs, targets = split_batch(batch, where="train data")
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-        outputs = self.net(*inputs)
-        loss = self.loss_fn(outputs, targets)
-        if self.teacher is not None:
-            with torch.no_grad():
-                reference = self.teacher(*inputs)
-            loss = loss + self.cfg.distill * tasks.distillation(
-                outputs, reference, targets, self.cfg.temperature
-            )
+        with captured(self.model, self.layers) as mine, captured(
+            self.teacher, self.layers
+        ) as theirs:
+            outputs = self.net(*inputs)
+            loss = self.loss_fn(outputs, targets)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    reference = self.teacher(*inputs)
+                if self.cfg.distill > 0:
+                    loss = loss + self.cfg.distill * tasks.distillation(
+                        outputs, reference, targets, self.cfg.temperature
+                    )
+            if self.layers:
+                loss = loss + self.cfg.layer_weight * layer_loss(mine, theirs, self.layers)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(
@@ -303,7 +316,7 @@ class FineTuner:
             pruned = self._prune()
         self.simp.pause_means(True)
         metric = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
-        self.simp.pause_means(False)
+        self.simp.pause_means(phase.kind != "prune")
         record = WindowRecord(
             phase.kind,
             phase.cycle,
@@ -334,7 +347,9 @@ class FineTuner:
         if self.net is not self.model:  # DDP holds the old gradient accumulators: let them go
             self.net = self.model
             gc.collect()
-        self.simp.prune(self.model, kept, optimizer=self.optimizer, compensate=self.cfg.compensate)
+        self.simp.prune(
+            self.model, kept, optimizer=self.optimizer, compensate=self.cfg.compensate != "off"
+        )
         self.net = wrap(self.model, self.world, self.device)  # DDP buckets follow the new shapes
         self.simp.select_activity(self.tracker, kept)
         self.simp.reset_means()

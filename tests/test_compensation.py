@@ -14,6 +14,7 @@ from mesimp_compress.errors import ConfigError
 from mesimp_compress.graph import find_groups
 from mesimp_compress.plan import make_plan
 from mesimp_compress.surgery import ActivationMeans, apply_plan
+from mesimp_compress.surgery.compensation import RIDGE
 
 torch.set_num_threads(1)
 
@@ -71,6 +72,52 @@ def test_constant_removed_units_are_compensated_exactly() -> None:
     assert torch.allclose(model(x), expected, atol=1e-6)
 
 
+def test_linearly_dependent_removed_units_are_compensated_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():  # unit 4 = 2 * unit 0 (also after the ReLU), unit 1 a constant
+        model[0].weight[4] = 2.0 * model[0].weight[0]
+        model[0].bias[4] = 2.0 * model[0].bias[0]
+        model[0].weight[1] = 0.0
+        model[0].bias[1] = 0.7  # a constant unit
+    x = torch.randn(256, 4)
+    expected = model(x).detach()
+    errors = {}
+    for covariance in (False, True):
+        pruned = copy.deepcopy(model)
+        with ActivationMeans(pruned, covariance=covariance) as means, torch.no_grad():
+            pruned(x)
+        structure = find_groups(pruned, x)
+        report = apply_plan(pruned, make_plan(structure, {"0": [0, 2, 3, 5]}),
+                            compensation=means)
+        assert report.compensated == ["2"]
+        errors[covariance] = (pruned(x) - expected).abs().max().item()
+    assert errors[True] < 1e-2 * errors[False], errors
+    assert errors[True] < 1e-3
+
+
+def test_substitute_is_the_least_squares_prediction() -> None:
+    torch.manual_seed(1)
+    layer = nn.Linear(5, 2)
+    x = torch.randn(400, 5) @ torch.randn(5, 5) + torch.randn(5)
+    with ActivationMeans(nn.Sequential(layer), covariance=True) as stats, torch.no_grad():
+        layer(x)
+    sub = stats.substitute("0", torch.tensor([1, 3]))
+    assert sub.kept.tolist() == [0, 2, 4]
+    kept, removed = x[:, [0, 2, 4]].double(), x[:, [1, 3]].double()
+    centred = kept - kept.mean(0)  # ridge regression of removed on kept, with an intercept
+    gram = centred.t() @ centred / 400
+    ridge = RIDGE * gram.diagonal().mean() * torch.eye(3, dtype=torch.float64)
+    mix = torch.linalg.solve(gram + ridge, centred.t() @ (removed - removed.mean(0)) / 400).t()
+    assert torch.allclose(sub.mix, mix.float(), atol=1e-4)
+    assert torch.allclose(sub.offset, (removed.mean(0) - mix @ kept.mean(0)).float(), atol=1e-4)
+    plain = ActivationMeans(nn.Sequential(layer))
+    layer(x)
+    mean_only = plain.substitute("0", torch.tensor([1, 3]))
+    assert mean_only.mix is None
+    assert torch.allclose(mean_only.offset, x[:, [1, 3]].mean(0), atol=1e-5)
+
+
 def _error(model: nn.Module, reference: nn.Module, data: list) -> float:
     with torch.no_grad():
         return sum(F.mse_loss(model(*x), reference(*x)).item() for x in data) / len(data)
@@ -83,7 +130,7 @@ def test_compensation_lowers_the_error_of_an_unfinetuned_pruned_model(case_name:
     torch.manual_seed(3)
     shift = 0.5  # inputs with a non-zero mean, as real data has
     window = [
-        (case.inputs() + shift,) if case_name != "tagger" else (case.inputs(),) for _ in range(8)
+        (case.inputs() + shift,) if case_name != "tagger" else (case.inputs(),) for _ in range(64)
     ]
     held_out = [
         (case.inputs() + shift,) if case_name != "tagger" else (case.inputs(),) for _ in range(8)
@@ -94,14 +141,20 @@ def test_compensation_lowers_the_error_of_an_unfinetuned_pruned_model(case_name:
     plan = make_plan(
         structure, {k: list(range(0, g.width, 2)) for k, g in structure.groups.items()}
     )
+    linear = case.build()
     with ActivationMeans(compensated) as means, torch.no_grad():
         for x in window:
             compensated(*x)
+    with ActivationMeans(linear, covariance=True) as stats, torch.no_grad():
+        for x in window:
+            linear(*x)
     apply_plan(plain, plan)
     report = apply_plan(compensated, plan, compensation=means)
     assert report.compensated
+    assert apply_plan(linear, plan, compensation=stats).compensated == report.compensated
     before, after = _error(plain, reference, held_out), _error(compensated, reference, held_out)
     assert after < 0.8 * before, (before, after)
+    assert _error(linear, reference, held_out) < 0.8 * before
 
 
 def test_notes_where_compensation_is_not_possible() -> None:

@@ -31,7 +31,7 @@ def test_toml_keys_with_hyphens_and_a_compress_table(tmp_path):
         ("mode = 'sparse'\n", "mode must be one of unified, per_example"),
         ("k = [\n", "malformed TOML"),
         ("batches = [0, 8]\n", "batches"),
-        ("compensate = 'yes'\n", "compensate must be true or false"),
+        ("compensate = 'yes'\n", "compensate must be one of off, mean, linear"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, match):

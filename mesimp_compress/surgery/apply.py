@@ -21,6 +21,7 @@ from ..events import EventSink, emit
 from ..graph import HIDDEN_PREFIX, ROLE_IN
 from ..graph.modules import type_name
 from ..plan import Edit, Plan
+from .compensation import ActivationMeans, Substitute
 from .functions import ModulePruner, pruner_for
 from .optimizer import check_optimizer_state, remap_optimizer_state, select
 
@@ -103,10 +104,12 @@ def apply_plan(
     """Shrink ``model`` in place as ``plan`` says.
 
     With ``optimizer``, its per-parameter state follows the kept entries. With
-    ``compensation`` (an :class:`ActivationMeans` or any mapping from consumer module name to
-    the mean of its input features), each consumer's bias absorbs the removed inputs' mean
-    contribution. Raises PlanError if the plan does not fit the model, ConfigError for
-    optimizer state or means that cannot follow, and changes nothing in those cases.
+    ``compensation`` (an :class:`ActivationMeans`, or any mapping from consumer module name
+    to the mean of its input features), each consumer absorbs its removed inputs'
+    contribution: their mean into its bias, and with ``ActivationMeans(covariance=True)``
+    also their least-squares prediction from the kept inputs into its weight. Raises
+    PlanError if the plan does not fit the model, ConfigError for optimizer state or means
+    that cannot follow, and changes nothing in those cases.
     """
     targets = resolve(model, plan)
     params_before = sum(p.numel() for p in model.parameters())
@@ -182,7 +185,7 @@ def _compensation(
     for name, target in targets.items():
         hidden = [role for role in target.edits if role.startswith(HIDDEN_PREFIX)]
         if hidden:
-            reason = target.pruner.fold(target.module, hidden[0], torch.zeros(0), torch.zeros(0))
+            reason = target.pruner.fold(target.module, hidden[0], None)
             if isinstance(reason, str):
                 report.notes.append(f"'{name}' hidden units: {reason}")
         edit = target.edits.get(ROLE_IN)
@@ -199,8 +202,15 @@ def _compensation(
                 f"activation means for '{name}' have {mean.numel()} features, "
                 f"the module reads {edit.size}: measure them on the model being pruned"
             )
-        removed = torch.tensor(edit.removed, dtype=torch.long, device=_device(target.module))
-        result = target.pruner.fold(target.module, ROLE_IN, removed, mean.reshape(-1))
+        device = _device(target.module)
+        removed = torch.tensor(edit.removed, dtype=torch.long, device=device)
+        if isinstance(means, ActivationMeans):
+            sub = means.substitute(name, removed)
+        else:
+            kept = torch.tensor(sorted(set(range(edit.size)) - set(edit.removed)),
+                                dtype=torch.long, device=device)
+            sub = Substitute(removed, kept, mean.reshape(-1).to(device).index_select(0, removed))
+        result = target.pruner.fold(target.module, ROLE_IN, sub)
         if isinstance(result, str):
             report.notes.append(f"'{name}' is not compensated: {result}")
             continue

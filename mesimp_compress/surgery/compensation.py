@@ -1,10 +1,20 @@
-"""Compensation (beyond the paper): fold removed inputs' mean contribution into a bias.
+"""Compensation (beyond the paper): fold removed inputs' contribution into what is kept.
 
-When units are removed, the layers reading them lose ``W[:, removed] @ x[removed]``. Replacing
-that by its mean over the data seen in the window, ``bias += W[:, removed] @ mean[removed]``,
-keeps the expected pre-activation of the consumer. :class:`ActivationMeans` measures the
-mean of each consumer's input features with forward pre-hooks; pass it to
-``apply_plan(..., compensation=means)``.
+When units are removed, the layers reading them lose ``W[:, removed] @ x[removed]``. Two
+replacements, measured on the data seen in the window:
+
+- ``mean``: ``x[removed]`` by its mean, ``bias += W[:, removed] @ mean[removed]``: keeps the
+  expected pre-activation of the consumer.
+- ``linear``: ``x[removed]`` by its least-squares prediction from the kept inputs,
+  ``x_R ≈ offset + mix @ x_K`` with ``mix = C_RK (C_KK + ridge)^-1`` (C: the covariance of
+  the consumer's inputs), so ``W[:, kept] += W[:, removed] @ mix`` and ``bias += W[:, removed]
+  @ offset``. It keeps the part of the removed units that the kept ones explain (units that
+  fire together), and reduces to ``mean`` when they explain nothing. It costs a (d x d)
+  float64 covariance per consumer of d inputs and one solve per surgery; consumers of more
+  than ``MAX_COVARIANCE`` inputs (a Linear after Conv -> Flatten) get ``mean`` instead.
+
+:class:`ActivationMeans` measures each consumer's input features with forward pre-hooks
+(``covariance=True`` for ``linear``); pass it to ``apply_plan(..., compensation=means)``.
 
 Where it is exact in expectation: Linear consumers (also after Conv→Flatten, where each input
 feature is one channel at one position) and the input of an nn.LSTM. Conv2d consumers use
@@ -16,6 +26,7 @@ nn.LSTM), and consumers without a bias.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,18 +36,37 @@ from torch.nn.utils.rnn import PackedSequence
 from ..errors import ConfigError
 
 _KINDS = (nn.Linear, nn.Conv2d, nn.LSTM)
+RIDGE = 1e-3  # of the mean variance of the kept inputs: keeps the solve well posed
+GRAM_ROWS = 1024  # second moments from at most this many rows (strided) of a batch
+MAX_COVARIANCE = 4096  # wider consumer inputs (e.g. Conv -> Flatten) get mean compensation
+
+
+@dataclass(frozen=True)
+class Substitute:
+    """What stands in for a consumer's removed inputs: ``x[removed] ≈ offset + mix @ x[kept]``.
+
+    ``mix`` is None for mean compensation (``offset`` is then the removed inputs' mean)."""
+
+    removed: torch.Tensor
+    kept: torch.Tensor
+    offset: torch.Tensor
+    mix: torch.Tensor | None = None
 
 
 class ActivationMeans(Mapping[str, torch.Tensor]):
-    """Running mean of the input features of consumer layers, keyed by module name.
+    """Running mean (and, with ``covariance``, second moments) of the input features of
+    consumer layers, keyed by module name.
 
     Measures every nn.Linear, nn.Conv2d and nn.LSTM of ``model`` (or only ``names``). Means
-    are per input feature for Linear and LSTM, per input channel for Conv2d. A module whose
-    input width changes (after surgery) starts a fresh mean. Use as a context manager, or
-    call :meth:`close` to remove the hooks.
+    are per input feature for Linear and LSTM, per input channel for Conv2d (its covariance
+    is across channels, over every position). A module whose input width changes (after
+    surgery) starts afresh. Use as a context manager, or call :meth:`close` to remove the
+    hooks. :meth:`substitute` gives what replaces removed inputs.
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, names: Iterable[str] | None = None, *, covariance: bool = False
+    ) -> None:
         modules = dict(model.named_modules())
         if names is None:
             chosen = [n for n, m in modules.items() if isinstance(m, _KINDS)]
@@ -51,7 +81,9 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
                         "expected Linear, Conv2d or LSTM"
                     )
         self.enabled = True  # set False to pause recording (e.g. around evaluation)
+        self.covariance = covariance
         self._sums: dict[str, torch.Tensor] = {}
+        self._grams: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._handles = [
             modules[name].register_forward_pre_hook(self._hook(name)) for name in chosen
@@ -68,15 +100,26 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
                 x = x.detach()
                 if isinstance(module, nn.Conv2d):
                     x = x.movedim(1 if x.dim() == 4 else 0, -1)
-                flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                rows = x.reshape(-1, x.shape[-1])
+                flat = rows.to(torch.float64)
                 total = flat.sum(dim=0)
+                gram = None
+                if self.covariance and rows.shape[-1] <= MAX_COVARIANCE:
+                    # a batch's moments in float32 (fast), summed in float64
+                    rows = rows[:: -(-rows.shape[0] // GRAM_ROWS)].float()
+                    scale = flat.shape[0] / rows.shape[0]
+                    gram = (rows.t() @ rows).to(torch.float64) * scale
                 previous = self._sums.get(name)
                 if previous is None or previous.shape != total.shape:
                     self._sums[name] = total
                     self._counts[name] = flat.shape[0]
+                    if gram is not None:
+                        self._grams[name] = gram
                 else:
                     self._sums[name] = previous + total
                     self._counts[name] += flat.shape[0]
+                    if gram is not None:
+                        self._grams[name] += gram
 
         return hook
 
@@ -92,17 +135,39 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return sum(1 for c in self._counts.values() if c > 0)
 
+    def substitute(self, name: str, removed: torch.Tensor) -> Substitute:
+        """What replaces inputs ``removed`` of consumer ``name``: their mean, or with
+        ``covariance`` their least-squares prediction from the kept inputs."""
+        mean = self._sums[name] / self._counts[name]
+        index = removed.to(mean.device)
+        keep = torch.ones(mean.numel(), dtype=torch.bool, device=mean.device)
+        keep[index] = False
+        kept = keep.nonzero().squeeze(1)
+        gram = self._grams.get(name)
+        if gram is None or kept.numel() == 0:
+            return Substitute(removed, kept.to(removed.device), mean[index].float())
+        cov = gram / self._counts[name] - torch.outer(mean, mean)
+        c_kk = cov[kept][:, kept]
+        ridge = RIDGE * float(c_kk.diagonal().mean().clamp(min=1e-12))
+        c_kk = c_kk + ridge * torch.eye(kept.numel(), dtype=cov.dtype, device=cov.device)
+        mix = torch.linalg.solve(c_kk, cov[kept][:, index]).t()  # (removed, kept)
+        offset = mean[index] - mix @ mean[kept]
+        return Substitute(removed, kept.to(removed.device), offset.float(), mix.float())
+
     def reset(self) -> None:
-        """Forget every mean (start a new window)."""
+        """Forget every measurement (start a new window)."""
         self._sums.clear()
+        self._grams.clear()
         self._counts.clear()
 
     def all_reduce(self) -> None:
-        """Sum the running sums and counts over torch.distributed ranks (no-op when not
-        initialised), so every rank compensates with the same means."""
+        """Sum the running sums, second moments and counts over torch.distributed ranks
+        (no-op when not initialised), so every rank compensates alike."""
         from ..distributed import all_reduce_means
 
         all_reduce_means(self._sums, self._counts)
+        if self._grams:
+            all_reduce_means(self._grams, {k: 0 for k in self._grams})
 
     def close(self) -> None:
         """Remove the hooks; the means measured so far stay readable."""

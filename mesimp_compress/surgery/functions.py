@@ -3,15 +3,16 @@
 One small class per layer kind, registered by type (subclasses such as the meProp wrappers
 resolve through their MRO). A pruner never touches tensors itself: it says which entries of
 which parameters and buffers are kept (:class:`Slice`), which entries *read* given input
-positions (to zero them in a masked model), how a removed input's mean folds into a bias,
-and which shape attributes to update. :mod:`.apply` does the rest, the same way for all.
+positions (to zero them in a masked model), how removed inputs fold into what is kept
+(compensation), and which shape attributes to update. :mod:`.apply` does the rest, the
+same way for all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from ..graph import ROLE_FEATURES, ROLE_IN, ROLE_OUT
+
+if TYPE_CHECKING:
+    from .compensation import Substitute
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,10 @@ class ModulePruner:
         return []
 
     def fold(
-        self, module: nn.Module, role: str, removed: torch.Tensor, mean: torch.Tensor
+        self, module: nn.Module, role: str, sub: Substitute | None
     ) -> dict[str, torch.Tensor] | str:
-        """Bias deltas that replace removed inputs by their mean, or why that is not possible."""
+        """Deltas (by tensor name, full size) that make the module read ``sub`` in place of
+        the removed inputs, or why that is not possible."""
         return f"{type(module).__name__} ({role}) has no input to compensate"
 
     def resize(self, module: nn.Module, kept: Mapping[str, torch.Tensor]) -> None:
@@ -92,14 +97,18 @@ def pruner_for(module: nn.Module) -> ModulePruner | None:
     return None
 
 
-def _fold_matrix(
-    weight: torch.Tensor,
-    removed: torch.Tensor,
-    mean: torch.Tensor,
-    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda w: w,
-) -> torch.Tensor:
-    cols = reduce(weight.index_select(1, removed))
-    return cols @ mean.to(cols).index_select(0, removed)
+def fold_inputs(
+    weight: torch.Tensor, bias_name: str, weight_name: str, sub: Substitute
+) -> dict[str, torch.Tensor]:
+    """Deltas for a weight (out, in, *kernel) whose removed input columns read ``sub``:
+    ``bias += W_R offset`` (summed over the kernel) and ``W_K += W_R mix``."""
+    cols = weight.index_select(1, sub.removed)
+    kernel = tuple(range(2, weight.dim()))
+    deltas = {bias_name: (cols.sum(kernel) if kernel else cols) @ sub.offset.to(cols)}
+    if sub.mix is not None:
+        moved = torch.einsum("or...,rk->ok...", cols, sub.mix.to(cols))
+        deltas[weight_name] = torch.zeros_like(weight).index_add_(1, sub.kept, moved)
+    return deltas
 
 
 class _RowsColumnsPruner(ModulePruner):
@@ -128,12 +137,12 @@ class LinearPruner(_RowsColumnsPruner):
     def sizes(self, module):
         return {ROLE_OUT: module.out_features, ROLE_IN: module.in_features}
 
-    def fold(self, module, role, removed, mean):
+    def fold(self, module, role, sub):
         if role != ROLE_IN:
-            return super().fold(module, role, removed, mean)
+            return super().fold(module, role, sub)
         if module.bias is None:
             return "it has no bias to fold the removed inputs into"
-        return {"bias": _fold_matrix(module.weight, removed, mean)}
+        return fold_inputs(module.weight, "bias", "weight", sub)
 
     def resize(self, module, kept):
         if ROLE_OUT in kept:
@@ -156,14 +165,14 @@ class Conv2dPruner(_RowsColumnsPruner):
             return f"grouped convolution (groups={module.groups}) is not supported"
         return super().problem(module)
 
-    def fold(self, module, role, removed, mean):
+    def fold(self, module, role, sub):
         # Exact where the kernel sees no zero padding; at padded borders the removed
-        # channel's mean is assumed at positions that read padding.
+        # channel's offset is assumed at positions that read padding.
         if role != ROLE_IN:
-            return super().fold(module, role, removed, mean)
+            return super().fold(module, role, sub)
         if module.bias is None:
             return "it has no bias to fold the removed inputs into"
-        return {"bias": _fold_matrix(module.weight, removed, mean, lambda w: w.sum(dim=(2, 3)))}
+        return fold_inputs(module.weight, "bias", "weight", sub)
 
     def resize(self, module, kept):
         if ROLE_OUT in kept:

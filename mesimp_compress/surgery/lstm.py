@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import PlanError
 from ..graph import ROLE_IN, hidden_role, parse_hidden_role
-from .functions import ModulePruner, Slice, _fold_matrix, register_pruner
+from .functions import ModulePruner, Slice, fold_inputs, register_pruner
 
 GATES = 4  # input, forget, cell, output: rows [g*H, (g+1)*H) of W_ih, W_hh, b_ih, b_hh
 
@@ -108,7 +108,7 @@ class LSTMPruner(ModulePruner):
             ]
         return out
 
-    def fold(self, module, role, removed, mean):
+    def fold(self, module, role, sub):
         if role != ROLE_IN:
             return (
                 "the recurrent and inter-layer inputs of removed LSTM units are not "
@@ -116,10 +116,11 @@ class LSTMPruner(ModulePruner):
             )
         if not module.bias:
             return "it has no bias to fold the removed inputs into"
-        return {
-            f"bias_ih_l0{sfx}": _fold_matrix(getattr(module, f"weight_ih_l0{sfx}"), removed, mean)
-            for sfx in _suffixes(module)
-        }
+        deltas: dict[str, torch.Tensor] = {}
+        for sfx in _suffixes(module):
+            weight = getattr(module, f"weight_ih_l0{sfx}")
+            deltas |= fold_inputs(weight, f"bias_ih_l0{sfx}", f"weight_ih_l0{sfx}", sub)
+        return deltas
 
     def resize(self, module, kept):
         units = self._units(module, kept)
