@@ -48,7 +48,7 @@ CACHE = ROOT / "runs" / "bench_mlp"
 
 # The configuration this bench recommends (explicit, so it does not drift with config.py).
 BEST: dict[str, Any] = dict(k=0.25, prune_rate=0.1, window=0.125, epochs=2, cycles=1,
-                            recovery_epochs=2, distill=0.5, temperature=2.0, compensate=False,
+                            recovery_epochs=2, distill=0.5, temperature=2.0, compensate="linear",
                             lr=1e-3, optimizer="adam", normal_backprop="dense")
 
 
@@ -258,7 +258,8 @@ LEVERS: list[tuple[str, dict[str, Any]]] = [
     ("recovery_epochs=4", {"recovery_epochs": 4}),
     ("distill=0", {"distill": 0.0}),
     ("distill=1, T=4", {"distill": 1.0, "temperature": 4.0}),
-    ("compensate=False", {"compensate": False}),
+    ("compensate=off", {"compensate": "off"}),
+    ("compensate=mean", {"compensate": "mean"}),
     ("lr=3e-4", {"lr": 3e-4}),
     ("optimizer=sgd, lr=0.01", {"optimizer": "sgd", "lr": 0.01}),
     ("normal_backprop=meprop", {"normal_backprop": "meprop"}),

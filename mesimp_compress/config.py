@@ -60,7 +60,7 @@ class CompressConfig:
     exclude: list[str] = field(default_factory=list)
     output_layer: str | None = None
     allow_residual: bool = False
-    compensate: str = "off"
+    compensate: str = "linear"
     """What the layers reading removed units get instead: "off" (nothing), "mean" (their
     mean, folded into the consumer's bias) or "linear" (their least-squares prediction
     from the kept units, folded into the consumer's weight and bias; measured on the MLP:
