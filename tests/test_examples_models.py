@@ -115,6 +115,15 @@ def test_minilm_matches_sentence_transformers_and_ignores_padding():
     assert embeddings.shape == (2, 384)
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert torch.allclose(alone[0], embeddings[0], atol=1e-5)  # padding changes nothing
+    from mesimp_compress.config import CompressConfig
+    from mesimp_compress.features import captured, matched_layers
+
+    recipe = CompressConfig.from_toml(EXAMPLES / "minilm" / "recipe.toml")
+    blocks = matched_layers(model, recipe.distill_layers)  # the recipe's layer distillation
+    assert blocks == [f"encoder.encoder.layer.{i}" for i in range(6)]
+    with captured(model, blocks) as states, torch.no_grad():
+        model(ids, mask)
+    assert all(states[b].shape == (2, ids.shape[1], 384) for b in blocks)
     sentence_transformers = pytest.importorskip("sentence_transformers")
     reference = sentence_transformers.SentenceTransformer(str(minilm_dir()), device="cpu")
     expected = reference.encode(sentences, convert_to_tensor=True)

@@ -17,7 +17,7 @@ from torch import nn
 from mesimp_compress.datasets import minilm_tokenizer, ptb_sentences, tokenize_sentences
 
 HERE = Path(__file__).resolve().parent
-TRAIN_SENTENCES = 1024
+TRAIN_SENTENCES = 8192
 EVAL_SENTENCES = 256
 MAX_LENGTH = 64
 
