@@ -104,6 +104,11 @@ class Simplifier:
         """Layer keys the rule may shrink (after --include/--exclude)."""
         return list(self._keys)
 
+    def resized_outputs(self) -> set[str]:
+        """Names of the modules whose output loses units when the prunable keys shrink."""
+        groups = self.structure.groups
+        return {m.module for key in self._keys for m in groups[key].members if m.role != ROLE_IN}
+
     def tied(self) -> list[tuple[str, ...]]:
         """Sets of keys that must keep equal counts (the layers of one nn.LSTM)."""
         return [t for t in self.structure.tied_sets() if any(k in self._keys for k in t)]

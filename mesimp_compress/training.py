@@ -24,7 +24,7 @@ from .batches import batch_size, count_batches, split_batch, to_device
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import CompressConfig
 from .distributed import World, wrap
-from .errors import NonFiniteLossError, ShapeError
+from .errors import ConfigError, NonFiniteLossError, ShapeError
 from .events import EventSink, emit
 from .features import captured, layer_loss, matched_layers
 from .meprop import apply_meprop, remove_meprop, set_k
@@ -129,6 +129,12 @@ class FineTuner:
             matched_layers(self.teacher, config.distill_layers)
             if self.teacher is not None and config.distill_layers else []
         )
+        pruned = [name for name in self.layers if name in simplifier.resized_outputs()]
+        if pruned:
+            raise ConfigError(
+                f"distill_layers: '{pruned[0]}' is pruned itself (its output loses units); "
+                "match layers whose output keeps its width"
+            )
         self.train_data, self.eval_data = train, eval_data
         self.simp = simplifier
         self.loss_fn = loss or tasks.cross_entropy
