@@ -24,7 +24,7 @@ def _module(path: Path):
     ("cnn", {"k": 0.4, "prune_rate": 0.1, "window": 0.125, "threads": 1,
              "compensate": "mean"}),
     ("pos_lstm_turkish", {"k": 48, "prune_rate": 0.1, "window": 0.125, "recovery_epochs": 3}),
-    ("minilm", {"k": 0.37, "include": ["*intermediate.dense"], "distill": 0.0,
+    ("minilm", {"k": 0.37, "include": ["*intermediate.dense"], "distill": 0.0, "recovery_epochs": 3,
                 "compensate": "off", "distill_layers": ["encoder.encoder.layer.[0-9]"]}),
 ])
 def test_recipe_is_a_valid_config(example: str, expected: dict) -> None:
