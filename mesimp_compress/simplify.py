@@ -210,9 +210,11 @@ class Simplifier:
         self.structure = state["structure"]
         self.plan = state["plan"]
         if self.means is not None:
+            enabled = self.means.enabled  # a rollback in a normal phase stays unmeasured
             self.means.close()
             _strip_means_hooks(model)
             self.means = self._measure(model)
+            self.means.enabled = enabled
 
     def _measure(self, model: nn.Module) -> ActivationMeans:
         return ActivationMeans(model, self._consumers(model),

@@ -353,9 +353,7 @@ class FineTuner:
         if self.net is not self.model:  # DDP holds the old gradient accumulators: let them go
             self.net = self.model
             gc.collect()
-        self.simp.prune(
-            self.model, kept, optimizer=self.optimizer, compensate=self.cfg.compensate != "off"
-        )
+        self.simp.prune(self.model, kept, optimizer=self.optimizer)  # means: None when off
         self.net = wrap(self.model, self.world, self.device)  # DDP buckets follow the new shapes
         self.simp.select_activity(self.tracker, kept)
         self.simp.reset_means()
