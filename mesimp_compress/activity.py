@@ -8,6 +8,11 @@ memory does not grow with the number of steps.
 Window counters stay on the device the counts came from (no host sync per step); they
 move to the CPU when read and when the window is folded into the totals by
 :meth:`ActivityTracker.reset_window`. Totals always live on the CPU.
+
+Unified meProp reports a list of selected units per backward pass. Adding each into its
+counter costs a few tensor calls on the backward path, so such selections are queued and
+added in batches (one ``index_add_`` per :data:`FOLD_EVERY` passes, or sooner when anything
+is read); counts are exact either way.
 """
 
 from __future__ import annotations
@@ -19,6 +24,17 @@ import torch
 
 from .errors import ConfigError, ShapeError
 
+FOLD_EVERY = 64
+"""Queued selections of one layer key are added to its counter at most this many at a time."""
+
+
+class _Queue(list):
+    """Selections ``(units or None, examples)`` of one key not yet added to its window."""
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        super().__init__()
+        self.width, self.device = width, device
+
 
 class ActivityTracker:
     """Hit counters (int64 per unit) and examples seen, per layer key, per window and in total."""
@@ -29,6 +45,7 @@ class ActivityTracker:
         self._window_examples: dict[str, int] = {}
         self._total_examples: dict[str, int] = {}
         self._ones_cache: dict[torch.device, torch.Tensor] = {}
+        self._queue: dict[str, _Queue] = {}
 
     # ------------------------------------------------------------------ recording
     def record(self, key: str, counts: torch.Tensor, examples: int) -> None:
@@ -50,16 +67,40 @@ class ActivityTracker:
 
         ``units`` must not repeat; ``width`` is the layer's current number of units.
         """
-        window = self._window.get(key)
-        if window is None or window.shape[0] != width or (
-            units is not None and window.device != units.device
+        queue = self._queue.get(key)
+        if queue is None or queue.width != width or (
+            units is not None and units.device != queue.device
         ):
             window = self._counter(key, width, None if units is None else units.device)
-        if units is None:
-            window.add_(examples)
-        else:
-            window.index_add_(0, units, self._ones(units), alpha=examples)
+            queue = self._queue[key] = _Queue(width, window.device)
+        queue.append((units, examples))
         self._window_examples[key] += examples
+        if len(queue) >= FOLD_EVERY:
+            self._fold(key)
+
+    def _fold(self, key: str) -> None:
+        """Add the queued selections of ``key`` to its window counter."""
+        queue = self._queue.get(key)
+        if not queue:
+            return
+        window = self._window[key]
+        everything = 0
+        by_examples: dict[int, list[torch.Tensor]] = {}
+        for units, examples in queue:
+            if units is None:
+                everything += examples
+            else:
+                by_examples.setdefault(examples, []).append(units)
+        if everything:
+            window.add_(everything)
+        for examples, parts in by_examples.items():
+            index = parts[0] if len(parts) == 1 else torch.cat(parts)
+            window.index_add_(0, index, self._ones(index), alpha=examples)
+        queue.clear()
+
+    def _fold_all(self) -> None:
+        for key in list(self._queue):
+            self._fold(key)
 
     def _ones(self, units: torch.Tensor) -> torch.Tensor:
         ones = self._ones_cache.get(units.device)
@@ -69,6 +110,8 @@ class ActivityTracker:
         return ones[: units.shape[0]]
 
     def _counter(self, key: str, width: int, device: torch.device | None) -> torch.Tensor:
+        self._fold(key)
+        self._queue.pop(key, None)  # the window may move or be replaced below
         window = self._window.get(key)
         if window is None:
             total = self._total.get(key)
@@ -101,6 +144,7 @@ class ActivityTracker:
     def window_hits(self, key: str) -> torch.Tensor:
         """Hits per unit of ``key`` in the current window (CPU int64, a copy)."""
         self._check(key)
+        self._fold(key)
         window = self._window.get(key)
         if window is None:
             return torch.zeros_like(self._total[key])
@@ -114,6 +158,7 @@ class ActivityTracker:
     def total_hits(self, key: str) -> torch.Tensor:
         """Hits per unit of ``key`` since the last :meth:`reset` (CPU int64, a copy)."""
         self._check(key)
+        self._fold(key)
         window = self._window.get(key)
         total = self._total[key].clone()
         if window is not None:
@@ -134,6 +179,8 @@ class ActivityTracker:
     # ------------------------------------------------------------------ windows
     def reset_window(self) -> None:
         """Fold the current window into the totals and start a new, empty window."""
+        self._fold_all()
+        self._queue.clear()
         for key, window in self._window.items():
             self._total[key] += window.cpu()
             self._total_examples[key] += self._window_examples[key]
@@ -142,6 +189,7 @@ class ActivityTracker:
 
     def reset(self) -> None:
         """Forget every counter, window and total."""
+        self._queue.clear()
         self._window.clear()
         self._total.clear()
         self._window_examples.clear()
@@ -158,6 +206,8 @@ class ActivityTracker:
                 f"kept units of '{key}' must lie in [0, {width}); got "
                 f"[{int(index.min())}, {int(index.max())}]"
             )
+        self._fold(key)
+        self._queue.pop(key, None)
         self._total[key] = self._total[key].index_select(0, index)
         window = self._window.get(key)
         if window is not None:
@@ -214,6 +264,7 @@ class ActivityTracker:
         flat = torch.cat(parts).to(device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat = flat.cpu()
+        self._queue.clear()  # emptied by window_hits; the windows are replaced below
         offset = 0
         for key in keys:
             width = self._total[key].shape[0]

@@ -188,3 +188,17 @@ def test_wrap_keeps_parameters_and_unwrap_restores_class():
     plain = mep.unwrap()
     assert type(plain) is nn.Linear and plain.weight is weight
     assert not hasattr(plain, "meprop")
+
+
+def test_create_graph_gives_first_order_gradients_and_refuses_a_second_order():
+    torch.manual_seed(4)
+    layer = nn.Linear(6, 5)
+    x, weights = torch.randn(3, 6), torch.randn(3, 5)
+    expected = _meprop(layer, x, weights, k=2)
+    mep = MePropLinear.wrap(copy.deepcopy(layer), k=2)
+    xm = x.clone().requires_grad_()
+    y = mep(xm)
+    (grad_x,) = torch.autograd.grad((y * weights + y.pow(2)).sum(), xm, create_graph=True)
+    torch.testing.assert_close(grad_x, expected[0], atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.sum().backward()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mesimp_compress.errors import ConfigError
-from mesimp_compress.meprop import apply_meprop
+from mesimp_compress.meprop import apply_meprop, rowgrad
 from mesimp_compress.optim import RowSparseAdam, RowSparseSGD
 
 torch.set_num_threads(1)
@@ -214,3 +214,17 @@ def test_state_is_param_shaped_and_round_trips():
 def test_bad_hyperparameters(make):
     with pytest.raises(ConfigError):
         make(nn.Linear(2, 2).parameters())
+
+
+def test_a_copy_of_a_claimed_parameter_is_not_claimed_and_claims_leave_with_the_parameter():
+    sparse, opt, _, _ = _pair(*OPTIMIZERS["adam"])
+    weight = sparse[0].weight
+    assert rowgrad.consumer_of(weight) is opt
+    twin = copy.deepcopy(sparse)
+    assert rowgrad.consumer_of(twin[0].weight) is None
+    _backward(twin, 0)
+    assert twin[0].weight.grad is not None and opt.row_grad(weight) is None
+    claims = len(rowgrad._CLAIMS)
+    del sparse, weight, twin, opt
+    gc.collect()
+    assert len(rowgrad._CLAIMS) < claims

@@ -34,43 +34,55 @@ class _LinearFn(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):  # noqa: D102
-        x, weight = ctx.saved_tensors
-        if x.dtype != dy.dtype:  # autocast ran the forward in another precision
-            x, weight = x.to(dy.dtype), weight.to(dy.dtype)
-        weight_param, bias_param = ctx.params
-        s = ctx.settings
-        width, fan_in = weight.shape
-        dy2 = dy.reshape(-1, width)
-        examples = x.shape[0] if x.dim() > 1 else 1
-        counts = None
-        if s.mode == "unified":
-            units = unified_units(dy2.abs().sum(0), ctx.k)
-            dy_k = dy2.index_select(1, units)
+        if torch.is_grad_enabled():  # create_graph=True: guard against a double backward
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    """The meProp backward. It runs once per layer per step, so it stays lean: plain 2-D
+    inputs take no reshapes and unified mode costs one |dy| reduction, one top-k and two
+    gathers besides the small matmuls."""
+    x, weight = ctx.saved_tensors
+    if x.dtype != dy.dtype:  # autocast ran the forward in another precision
+        x, weight = x.to(dy.dtype), weight.to(dy.dtype)
+    s = ctx.settings
+    width = weight.shape[0]
+    flat = dy.dim() == 2 and x.dim() == 2
+    dy2 = dy if flat else dy.reshape(-1, width)
+    examples = x.shape[0] if x.dim() > 1 else 1
+    counts = None
+    if s.mode == "unified":
+        units = unified_units(dy2.abs().sum(0), ctx.k)
+        dy_k = dy2.index_select(1, units)
+    else:
+        per_example = dy.reshape(examples, -1, width)
+        mask, counts, units = per_example_units(per_example.abs().sum(1), ctx.k)
+        dy_k = (per_example * mask.unsqueeze(1)).reshape(-1, width).index_select(1, units)
+    needs = ctx.needs_input_grad
+    grad_x = grad_w = grad_b = None
+    if needs[0]:
+        grad_x = torch.mm(dy_k, weight.index_select(0, units))
+        if not flat:
+            grad_x = grad_x.view(x.shape)
+    if needs[1]:
+        x2 = x if flat else x.reshape(-1, weight.shape[1])
+        grad_w = rowgrad.deliver(ctx.params[0], units, torch.mm(dy_k.t(), x2))
+    if needs[2]:
+        if s.sparse_bias:
+            grad_b = rowgrad.deliver(ctx.params[1], units, dy_k.sum(0))
         else:
-            per_example = dy.reshape(examples, -1, width)
-            score = per_example.abs().sum(1)
-            mask, counts, units = per_example_units(score, ctx.k)
-            dy_k = (per_example * mask.unsqueeze(1)).reshape(-1, width).index_select(1, units)
-        grad_x = grad_w = grad_b = None
-        needs = ctx.needs_input_grad
-        if needs[0]:
-            grad_x = torch.mm(dy_k, weight.index_select(0, units)).view(x.shape)
-        if needs[1]:
-            grad_w = rowgrad.deliver(weight_param, units,
-                                     torch.mm(dy_k.t(), x.reshape(-1, fan_in)))
-        if needs[2]:
-            if s.sparse_bias:
-                grad_b = rowgrad.deliver(bias_param, units, dy_k.sum(0))
-            else:
-                grad_b = dy2.sum(0)
-        if s.tracker is not None:
-            if counts is None:
-                s.tracker.record_selected(s.key, units, examples, width)
-            else:
-                s.tracker.record(s.key, counts, examples)
-        return grad_x, grad_w, grad_b, None, None
+            grad_b = dy2.sum(0)
+    if s.tracker is not None:
+        if counts is None:
+            s.tracker.record_selected(s.key, units, examples, width)
+        else:
+            s.tracker.record(s.key, counts, examples)
+    return grad_x, grad_w, grad_b, None, None
+
+
+_backward_once = once_differentiable(_backward)
 
 
 class MePropLinear(Swappable, nn.Linear):

@@ -13,7 +13,6 @@ import weakref
 from typing import Protocol
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 
 class RowConsumer(Protocol):
@@ -23,34 +22,47 @@ class RowConsumer(Protocol):
         """Accumulate ``values`` (one per entry of ``rows``) into the gradient of ``param``."""
 
 
-_CLAIMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id(param) -> (weak param, weak consumer). Looked up on every meProp backward, so a plain
+# dict keyed by id (a WeakIdKeyDictionary builds a weak reference per lookup); the entry
+# leaves with its parameter, and a lookup checks that the id still names the same object.
+_CLAIMS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 def claim(param: torch.Tensor, consumer: RowConsumer) -> None:
     """From now on row gradients of ``param`` go to ``consumer`` (while it lives)."""
-    _CLAIMS[param] = weakref.ref(consumer)
+    key = id(param)
+
+    def forget(_: weakref.ref) -> None:
+        entry = _CLAIMS.get(key)
+        if entry is not None and entry[0] is gone:
+            del _CLAIMS[key]
+
+    gone = weakref.ref(param, forget)
+    _CLAIMS[key] = (gone, weakref.ref(consumer))
 
 
 def release(param: torch.Tensor) -> None:
     """Row gradients of ``param`` go back to ``.grad``."""
-    _CLAIMS.pop(param, None)
+    entry = _CLAIMS.get(id(param))
+    if entry is not None and entry[0]() is param:
+        del _CLAIMS[id(param)]
 
 
 def consumer_of(param: torch.Tensor) -> RowConsumer | None:
     """The live consumer that claimed ``param``, if any."""
-    ref = _CLAIMS.get(param)
-    return None if ref is None else ref()
+    entry = _CLAIMS.get(id(param))
+    if entry is None or entry[0]() is not param:
+        return None
+    return entry[1]()
 
 
 def deliver(param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
     """Give ``values`` for ``rows`` of ``param`` to its consumer and return None; without a
     consumer, return the full-size gradient (zero outside ``rows``) for autograd."""
-    ref = _CLAIMS.get(param)
-    if ref is not None:
-        consumer = ref()
-        if consumer is not None:
-            consumer.add_rows(param, rows, values)
-            return None
+    consumer = consumer_of(param)
+    if consumer is not None:
+        consumer.add_rows(param, rows, values)
+        return None
     grad = values.new_zeros(param.shape)
     grad.index_copy_(0, rows, values)
     return grad
