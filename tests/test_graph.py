@@ -275,11 +275,11 @@ class ChannelsLast(nn.Module):
         self.out = nn.Linear(2, 2)
 
     def forward(self, x):
-        h = F.relu(self.conv(x)).permute(0, 2, 3, 1)
+        h = F.relu(self.conv(x)).permute(0, 2, 3, 1)[:, 1:, ::2]  # positions only
         h = F.relu(self.mix(h)).transpose(1, 3).transpose(2, 3)
-        h = F.pad(torch.relu(self.conv2(h)), (1, 1, 1, 1))
+        h = F.pad(torch.relu(self.conv2(h)), (1, 1, 1, 1))[..., :-1, :]
         h = F.relu(self.fc(h.mean(dim=(2, 3))))
-        return self.out(h[:, 1:])  # fc unit 0 is never read
+        return self.out(h[:, 1:])  # a fixed slice of fc's units: fc is left alone
 
 
 class Refused(nn.Module):
@@ -310,15 +310,17 @@ def test_permute_pad_pooling_and_slicing_are_followed_exactly() -> None:
     model = ChannelsLast().eval()
     x = torch.randn(2, 2, 5, 5)
     structure = find_groups(model, x)
-    assert set(structure.groups) == {"conv", "mix", "conv2", "fc"}
-    assert members(structure, "fc")[("out", "in")].positions == ((), (0,), (1,))
-    plan = make_plan(structure, {"conv": [0, 3], "mix": [1, 2, 5], "conv2": [0, 2], "fc": [0, 2]})
+    assert set(structure.groups) == {"conv", "mix", "conv2"}
+    assert "op 'getitem' takes a fixed slice" in structure.reason("fc")
+    assert members(structure, "mix")[("conv2", "in")].positions == tuple((u,) for u in range(6))
+    plan = make_plan(structure, {"conv": [0, 3], "mix": [1, 2, 5], "conv2": [0, 2]})
     masked = copy.deepcopy(model)
     zero_removed(masked, plan)
     apply_plan(model, plan)
     with torch.no_grad():
         assert torch.allclose(model(x), masked(x), atol=1e-6)
-    assert model.out.in_features == 1
+    assert (model.mix.in_features, model.conv2.in_channels, model.fc.in_features) == (2, 3, 2)
+    assert model.out.in_features == 2
 
 
 def test_couplings_that_cannot_be_rebuilt_are_refused() -> None:

@@ -7,6 +7,9 @@ labels of its tensor inputs:
   different units at the same position *couple* those units (a residual add, a gate);
 - movement: values are only rearranged (view, flatten, permute, indexing, cat, split, pad,
   ...): followed exactly by running the op on a probe (see :mod:`.labels`);
+- positional movement (indexing, narrow, split, chunk, roll, ...): as movement, but a fixed
+  slice, index or shift of the units blocks them, since it would pick other units once the
+  width shrinks (slices of other axes, and slices taking the whole unit axis, pass);
 - per-unit ops that work along other axes (pooling, softmax over time, reductions over
   spatial axes): units stay, unless the op works along the unit axis;
 - anything else with a labelled input is not understood, and its units are blocked.
@@ -21,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .labels import PAD, AxisLabel, ProbeLabel, ProbeMismatch, codes_of, from_probe, to_probe
+from .labels import (
+    PAD,
+    AxisLabel,
+    Label,
+    ProbeLabel,
+    ProbeMismatch,
+    codes_of,
+    from_probe,
+    to_probe,
+)
 
 if TYPE_CHECKING:
     from .trace import Tracer
@@ -53,6 +65,12 @@ MOVEMENT = frozenset(
     narrow select split split_with_sizes chunk unbind tensor_split expand expand_as view_as
     reshape_as repeat tile movedim moveaxis swapaxes swapdims index_select gather
     take_along_dim flip roll pad pad_packed_sequence pack_padded_sequence""".split()
+)
+# Movement ops that pick positions by fixed offsets, indices or shifts: along a unit axis they
+# would pick other units once the width shrinks, so there they must pass the whole axis as it is.
+POSITIONAL = frozenset(
+    """getitem narrow select index_select gather take_along_dim split split_with_sizes chunk
+    unbind tensor_split roll""".split()
 )
 # Movement ops whose first argument is a sequence of tensors.
 MOVEMENT_SEQ = frozenset("cat concat concatenate stack hstack vstack dstack column_stack".split())
@@ -325,6 +343,33 @@ def _movement(
     except (ProbeMismatch, RuntimeError, TypeError, ValueError, IndexError) as err:
         tracer.block_tensors(inputs, f"op '{name}' could not be followed ({err})")
         return
+    source = tracer.label(data[0]) if name in POSITIONAL else None
+    if source is not None and not all(
+        _passes_whole(tracer, source, label)
+        for r, label in zip(real, labels, strict=True)
+        if r.numel()
+    ):
+        tracer.block_tensors(
+            inputs,
+            f"op '{name}' takes a fixed slice, index or shift of the units (it cannot follow "
+            "a pruned width)",
+        )
     for r, label in zip(real, labels, strict=True):
         if label is not None:
             tracer.set_label(r, label)
+
+
+def _passes_whole(tracer: Tracer, source: Label, taken: Label | None) -> bool:
+    """Whether a positional op hands on the units of ``source`` whole.
+
+    Along a unit axis only the whole axis may pass, as it is. Where codes vary along several
+    axes (an LSTM's ``h_n``: layers along the first), a group may be left out but not cut.
+    """
+    if isinstance(source, AxisLabel):
+        return isinstance(taken, AxisLabel) and torch.equal(taken.codes, source.codes)
+    kept = codes_of(taken) if taken is not None else torch.zeros(0, dtype=torch.int64)
+    codes = codes_of(source)
+    bases = torch.tensor([info.base for info in tracer.groups.values()], dtype=torch.int64)
+    groups = torch.searchsorted(bases, codes, right=True)
+    touched = torch.isin(groups, torch.searchsorted(bases, kept, right=True))
+    return bool(torch.isin(codes[touched], kept).all())
