@@ -1,27 +1,39 @@
 """Per-layer parameter counts of an ONNX file, and the proof that a compressed file shrank.
 
 Exporters rename, transpose, fuse and repack parameters, so ONNX initializers are attributed
-to the PyTorch modules they came from in three passes:
+to the PyTorch modules they came from in four passes:
 
 1. **name**: an initializer named like a parameter (``layers.0.weight``) belongs to its
    module (one named like a buffer, e.g. ``running_mean``, is a buffer and counts nowhere);
-2. **value**: an initializer holding the same values as a parameter, in any order, belongs
+2. **fold**: a new initializer fed to a node together with a module's named parameters, where
+   the node carries the scope of an unrelated module, was created by folding that module into
+   it (the bias the dynamo exporter gives a bias-free Conv/Gemm/ConvTranspose when it folds the
+   BatchNorm after it, in a node scoped ``.../bn``): it belongs to the module the node computes,
+   as the folded weight and bias of a Conv with a bias of its own do;
+3. **value**: an initializer holding the same values as a parameter, in any order, belongs
    to the parameter's module (a weight stored transposed for MatMul; a weight the exporter
-   de-duplicated with an equal one, which then counts for both);
-3. **scope**: any other float initializer (two or more elements) belongs to the module
+   de-duplicated with an equal one, which then counts for both), unless it is unclaimed and
+   every node consuming it lies in modules unrelated to the parameter's (a folded Conv bias
+   that happens to equal a BatchNorm's zero bias is the Conv's, not the BatchNorm's);
+4. **scope**: any other float initializer (two or more elements) belongs to the module
    whose graph nodes consume it, read from the dynamo exporter's ``name_scopes`` metadata
    or the TorchScript exporter's node names (``/encoder/layer.0/.../MatMul``): the
-   ``W``/``R``/``B`` tensors of an ONNX LSTM, a Conv weight with BatchNorm folded in.
+   ``W``/``R``/``B`` tensors of an ONNX LSTM, a Conv weight (and bias) with BatchNorm folded in.
 
 A module's count in ONNX must then equal its count in PyTorch (``"match"``), or be 0 when its
-parameters were folded into a neighbour or are unused (``"folded"``); anything else is a
-``"mismatch"`` and a :class:`SizeError`. The compressed PyTorch model is the truth.
+parameters were folded into a neighbour or are unused (``"folded"``). A module may also hold
+more than its parameters when a neighbour was folded into it: every parameter is held at its
+own size, and the rest are tensors without a PyTorch counterpart, found by the fold pass or
+(TorchScript, which renames everything) by scope, and then no more elements than the modules
+reported ``"folded"`` have; that is a ``"match"`` whose surplus ``folded_in`` records. Anything
+else is a ``"mismatch"`` and a :class:`SizeError`. The compressed PyTorch model is the truth.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +60,9 @@ class LayerSize:
     onnx_shapes: dict[str, list[int]] = field(default_factory=dict)
     params_before: int | None = None
     onnx_params_before: int | None = None
+    # elements of onnx_params beyond the module's own parameters: tensors created by folding a
+    # neighbour (reported "folded") into it, e.g. the bias BatchNorm gives a bias-free Conv
+    folded_in: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -74,36 +89,46 @@ def onnx_layer_sizes(
         for name, param in _own_params(module_name, module)
     }
     buffers = {name for name, _ in model.named_buffers()}
+    consumers = _consumer_scopes(proto)
     owner: dict[str, set[str]] = {}  # initializer -> modules it counts for
+    held: dict[str, set[str]] = {}  # module -> initializers holding its parameters (name, value)
     found: set[str] = set()  # parameters accounted for
 
     for name in arrays:  # 1. by name
         if name in params:
             owner.setdefault(name, set()).add(params[name][0])
+            held.setdefault(params[name][0], set()).add(name)
             found.add(name)
+    products = _fold_products(proto, arrays, owner, buffers)  # 2. created by folding
+    for iname, module_name in products.items():
+        owner[iname] = {module_name}
     free = [n for n in arrays if n not in owner and n not in buffers]
     sorted_cache: dict[str, np.ndarray] = {}
-    for pname, (module_name, param) in params.items():  # 2. by value
+    for pname, (module_name, param) in params.items():  # 3. by value
         if pname in found:
             continue
         values = np.sort(param.detach().cpu().float().numpy(), axis=None)
         # unclaimed initializers first, then claimed ones (an exporter may share equal tensors)
-        for iname in [n for n in free if n not in owner] + list(owner):
+        unclaimed = [n for n in free if n not in owner]
+        for iname in unclaimed + [n for n in owner if n not in products]:
             array = arrays[iname]
             if array.size != values.size:
                 continue
+            if iname in unclaimed and not _used_by(consumers.get(iname), module_name):
+                continue  # another module's tensor, equal by chance (the scope pass takes it)
             if iname not in sorted_cache:
                 sorted_cache[iname] = np.sort(array.astype(np.float32), axis=None)
             if np.array_equal(sorted_cache[iname], values):
                 owner.setdefault(iname, set()).add(module_name)
+                held.setdefault(module_name, set()).add(iname)
                 found.add(pname)
                 break
     waiting = {params[p][0] for p in params if p not in found}
-    if waiting:  # 3. by the scope of the consuming nodes
-        for iname, scope in _consumer_scopes(proto).items():
+    if waiting:  # 4. by the scope of the consuming nodes
+        for iname, scopes in consumers.items():
             if iname in owner or iname in buffers or iname not in arrays or arrays[iname].size < 2:
                 continue
-            module_name = _enclosing(scope, waiting)
+            module_name = _enclosing(scopes[0], waiting)
             if module_name is not None:
                 owner.setdefault(iname, set()).add(module_name)
 
@@ -112,6 +137,7 @@ def onnx_layer_sizes(
         for m in modules:
             per_module.setdefault(m, {})[iname] = list(arrays[iname].shape)
     sizes = []
+    surplus: dict[str, tuple[int, int]] = {}  # module -> (fold-pass, scope-pass) extra elements
     for module_name, module in model.named_modules():
         own = dict(_own_params(module_name, module))
         if not own:
@@ -120,6 +146,10 @@ def onnx_layer_sizes(
         shapes = per_module.get(module_name, {})
         in_onnx = sum(int(np.prod(s)) for s in shapes.values())
         status = MATCH if in_onnx == count else FOLDED if in_onnx == 0 else MISMATCH
+        if status == MISMATCH:
+            extra = _surplus(own, found, shapes, held.get(module_name, set()), products)
+            if extra is not None:
+                status, surplus[module_name] = MATCH, extra
         sizes.append(
             LayerSize(
                 name=module_name,
@@ -129,8 +159,15 @@ def onnx_layer_sizes(
                 status=status,
                 shapes={n.rsplit(".", 1)[-1]: list(p.shape) for n, p in own.items()},
                 onnx_shapes=shapes,
+                folded_in=sum(surplus.get(module_name, (0, 0))),
             )
         )
+    # a surplus found only by scope must fit in what the folded modules had
+    budget = sum(s.params for s in sizes if s.status == FOLDED)
+    if sum(by_scope for _, by_scope in surplus.values()) > budget:
+        for s in sizes:
+            if surplus.get(s.name, (0, 0))[1]:
+                s.status, s.folded_in = MISMATCH, 0
     if strict:
         _raise_mismatches(Path(onnx_path).name, sizes)
     return sizes
@@ -177,7 +214,10 @@ def check_shrunk(
                 f"module '{s.name}' ({s.kind}) should have shrunk but has {s.params:,} parameters, "
                 f"the original {s.params_before:,}"
             )
-        if s.onnx_params_before and s.onnx_params >= s.onnx_params_before:
+        # the module's own elements: a bias created by folding may be in one file only (the
+        # exporter drops an all-zero one, as folding an untrained BatchNorm gives)
+        own_before = (s.onnx_params_before or 0) - before[s.name].folded_in
+        if s.onnx_params_before and s.onnx_params - s.folded_in >= own_before:
             raise SizeError(
                 f"module '{s.name}' ({s.kind}) did not shrink in ONNX: {s.onnx_params:,} elements "
                 f"vs {s.onnx_params_before:,} in the original file"
@@ -217,16 +257,89 @@ def _check_plan(model: nn.Module, plan: Any) -> set[str]:
     return edited
 
 
-def _consumer_scopes(proto: Any) -> dict[str, str]:
-    """Module scope (``a.b.c``) of the first node consuming each value."""
-    scopes: dict[str, str] = {}
+def _consumer_scopes(proto: Any) -> dict[str, list[str]]:
+    """Module scopes (``a.b.c``) of the nodes consuming each value, in graph order."""
+    scopes: dict[str, list[str]] = {}
     for node in proto.graph.node:
         scope = _node_scope(node)
         if scope is None:
             continue
         for name in node.input:
-            scopes.setdefault(name, scope)
+            scopes.setdefault(name, []).append(scope)
     return scopes
+
+
+def _related(scope: str, module_name: str) -> bool:
+    """Whether a node scope lies in the module, or the module in the scope (a parent's node)."""
+    return _within(scope, module_name) or _within(module_name, scope)
+
+
+def _within(inner: str, outer: str) -> bool:
+    return not outer or inner == outer or inner.startswith(outer + ".")
+
+
+def _used_by(scopes: list[str] | None, module_name: str) -> bool:
+    """Whether an initializer may hold a parameter of the module: some node of the module (or
+    of a parent) consumes it, or no consumer tells its scope."""
+    return not scopes or any(_related(scope, module_name) for scope in scopes)
+
+
+def _fold_products(
+    proto: Any, arrays: dict[str, np.ndarray], owner: dict[str, set[str]], buffers: set[str]
+) -> dict[str, str]:
+    """Initializers created by folding one module into another: unclaimed float tensors fed to
+    a node together with initializers of exactly one module, where the node carries the scope
+    of an unrelated module (the one folded away), mapped to the module the node computes."""
+    products: dict[str, str] = {}
+    for node in proto.graph.node:
+        scope = _node_scope(node)
+        if scope is None:
+            continue
+        modules = {m for name in node.input for m in owner.get(name, ())}
+        if len(modules) != 1:
+            continue
+        (module_name,) = modules
+        if _related(scope, module_name):
+            continue
+        for name in node.input:
+            if (
+                name in arrays
+                and name not in owner
+                and name not in buffers
+                and arrays[name].size >= 2
+            ):
+                products.setdefault(name, module_name)
+    return products
+
+
+def _surplus(
+    own: dict[str, Any],
+    found: set[str],
+    shapes: dict[str, list[int]],
+    held: set[str],
+    products: dict[str, str],
+) -> tuple[int, int] | None:
+    """Elements a module holds in ONNX beyond its own parameters, split into fold-pass and
+    scope-pass tensors, when every parameter is held at its own size and the rest have no
+    PyTorch counterpart; None when the counts cannot be explained so."""
+    numel = {n: int(np.prod(s)) for n, s in shapes.items()}
+    if sum(numel[n] for n in held if n in numel) != sum(
+        p.numel() for name, p in own.items() if name in found
+    ):
+        return None  # a named or value-matched tensor of the wrong size: a real mismatch
+    need = Counter(p.numel() for name, p in own.items() if name not in found)
+    by_fold = by_scope = 0
+    # tensors found by scope may hold parameters (TorchScript renames folded weights)
+    for name in sorted(n for n in numel if n not in held):
+        if name not in products and need[numel[name]] > 0:
+            need[numel[name]] -= 1
+        elif name in products:
+            by_fold += numel[name]
+        else:
+            by_scope += numel[name]
+    if +need or not by_fold + by_scope:
+        return None
+    return by_fold, by_scope
 
 
 def _node_scope(node: Any) -> str | None:

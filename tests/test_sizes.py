@@ -3,6 +3,7 @@ from types import SimpleNamespace
 import _onnx_zoo as zoo
 import pytest
 import torch
+from torch import nn
 
 from mesimp_compress.errors import SizeError
 from mesimp_compress.export import export_onnx
@@ -126,3 +127,114 @@ def test_torchscript_lstm_is_attributed_by_node_scope(tmp_path):
     sizes = _by_name(onnx_layer_sizes(r.path, model))
     assert sizes["lstm"].status == MATCH
     assert all(name.startswith("onnx::") for name in sizes["lstm"].onnx_shapes)
+
+
+def _with_statistics(bn):
+    """Non-trivial BatchNorm statistics: folding it then gives a bias that is not all zeros."""
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+def _conv_bn(channels, trained=True):
+    """The ResNet block: a bias-free Conv2d, then BatchNorm2d."""
+    torch.manual_seed(3)
+    bn = nn.BatchNorm2d(channels)
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1, bias=False),
+        _with_statistics(bn) if trained else bn,
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(channels * 6 * 6, 5),
+    ).eval()
+
+
+def _linear_bn(inputs, units, trained=True):
+    """A bias-free Linear, then BatchNorm1d."""
+    torch.manual_seed(4)
+    bn = nn.BatchNorm1d(units)
+    return nn.Sequential(
+        nn.Linear(inputs, units, bias=False),
+        _with_statistics(bn) if trained else bn,
+        nn.ReLU(),
+        nn.Linear(units, 3),
+    ).eval()
+
+
+def _export_conv_bn(model, path, exporter="auto"):
+    return export_onnx(model, (torch.randn(2, 3, 6, 6),), path, exporter=exporter).path
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_batchnorm_folded_into_a_bias_free_conv_counts_its_new_bias_for_the_conv(
+    tmp_path, exporter
+):
+    model = _conv_bn(8)
+    sizes = _by_name(onnx_layer_sizes(_export_conv_bn(model, tmp_path / "m.onnx", exporter), model))
+    conv, bn, fc = sizes["0"], sizes["1"], sizes["4"]
+    # the file holds the folded weight and the bias folding created: both count for the conv
+    assert (conv.params, conv.onnx_params, conv.folded_in, conv.status) == (216, 224, 8, MATCH)
+    assert sorted(conv.onnx_shapes.values()) == [[8], [8, 3, 3, 3]]
+    assert (bn.params, bn.onnx_params, bn.folded_in, bn.status) == (16, 0, 0, FOLDED)
+    assert bn.onnx_shapes == {}
+    assert (fc.params, fc.onnx_params, fc.folded_in, fc.status) == (1445, 1445, 0, MATCH)
+
+
+def test_batchnorm_folded_into_a_bias_free_linear_counts_its_new_bias_for_the_linear(tmp_path):
+    torch.manual_seed(4)
+    model = _linear_bn(6, 10)
+    path = export_onnx(model, (torch.randn(4, 6),), tmp_path / "m.onnx").path
+    sizes = _by_name(onnx_layer_sizes(path, model))
+    lin, bn, out = sizes["0"], sizes["1"], sizes["3"]
+    assert (lin.params, lin.onnx_params, lin.folded_in, lin.status) == (60, 70, 10, MATCH)
+    assert sorted(lin.onnx_shapes.values()) == [[10], [10, 6]]
+    assert (bn.params, bn.onnx_params, bn.folded_in, bn.status) == (20, 0, 0, FOLDED)
+    assert (out.params, out.onnx_params, out.status) == (33, 33, MATCH)
+
+
+def test_a_folded_zero_bias_equal_to_the_batchnorm_bias_is_still_the_convs(tmp_path):
+    # an untrained BatchNorm folds into an all-zero bias, equal to its own (zero) bias: the
+    # TorchScript exporter keeps that bias under a new name, fed to the conv alone
+    model = _conv_bn(8, trained=False)
+    path = _export_conv_bn(model, tmp_path / "m.onnx", "torchscript")
+    sizes = _by_name(onnx_layer_sizes(path, model))
+    assert (sizes["0"].onnx_params, sizes["0"].folded_in, sizes["0"].status) == (224, 8, MATCH)
+    assert (sizes["1"].onnx_params, sizes["1"].status) == (0, FOLDED)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_bias_free_conv_with_other_widths_than_its_file_is_still_a_size_error(tmp_path, exporter):
+    big, small = _conv_bn(8), _conv_bn(4)
+    big_file = _export_conv_bn(big, tmp_path / "big.onnx", exporter)
+    small_file = _export_conv_bn(small, tmp_path / "small.onnx", exporter)
+    with pytest.raises(SizeError, match=r"'0' \(Conv2d\) 108 in PyTorch vs 224 in ONNX"):
+        onnx_layer_sizes(big_file, small)
+    # a file holding fewer rows than the module
+    with pytest.raises(SizeError, match=r"'0' \(Conv2d\) 216 in PyTorch vs 112 in ONNX"):
+        onnx_layer_sizes(small_file, big)
+    sizes = _by_name(check_shrunk(small_file, small, original_onnx=big_file, original_model=big))
+    assert (sizes["0"].params_before, sizes["0"].params) == (216, 108)
+    assert (sizes["0"].onnx_params_before, sizes["0"].onnx_params) == (224, 112)
+    assert (sizes["1"].status, sizes["1"].onnx_params_before) == (FOLDED, 0)
+
+
+def test_a_layer_shrinks_in_onnx_by_its_own_elements_not_the_bias_folding_added(tmp_path):
+    # the dynamo exporter drops the all-zero bias an untrained BatchNorm folds into: the
+    # original file holds the bare weight (4), the trained compressed one 3 weights and a
+    # 3-element bias, more than before though the layer lost a unit
+    original, compressed = _linear_bn(1, 4, trained=False), _linear_bn(1, 3)
+    x = (torch.randn(4, 1),)
+    original_file = export_onnx(original, x, tmp_path / "original.onnx", exporter="dynamo").path
+    compressed_file = export_onnx(compressed, x, tmp_path / "model.onnx", exporter="dynamo").path
+    sizes = _by_name(
+        check_shrunk(
+            compressed_file, compressed, original_onnx=original_file, original_model=original
+        )
+    )
+    lin = sizes["0"]
+    assert (lin.onnx_params_before, lin.onnx_params, lin.folded_in) == (4, 6, 3)
+    assert (lin.params_before, lin.params, lin.status) == (4, 3, MATCH)
+    assert (sizes["1"].onnx_params_before, sizes["1"].status) == (0, FOLDED)
