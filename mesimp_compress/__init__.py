@@ -22,6 +22,7 @@ from .errors import (  # noqa: E402
     KError,
     MesimpError,
     NonFiniteLossError,
+    OutputError,
     OutputExistsError,
     ParityError,
     PlanError,
@@ -62,5 +63,6 @@ __all__ = [
     "ExportError",
     "ParityError",
     "SizeError",
+    "OutputError",
     "OutputExistsError",
 ]

@@ -35,11 +35,15 @@ class CompressResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     report: dict[str, Any] | None = None
     out: Path | None = None
+    widths_before: dict[str, int] = field(default_factory=dict)
 
     @property
     def widths(self) -> dict[str, int]:
-        """Width of every prunable layer after compression."""
-        return {key: len(idx) for key, idx in self.plan.kept.items()}
+        """Width of every prunable layer after compression (a layer nothing was cut from
+        keeps its width)."""
+        widths = dict(self.widths_before)
+        widths.update({key: len(idx) for key, idx in self.plan.kept.items()})
+        return widths
 
 
 def compress(
@@ -142,6 +146,7 @@ def _run(
         metric_before=tuned.metric_before,
         metric_after=tuned.metric_after,
         skipped=simplifier.skipped(),
+        widths_before={key: simplifier.original_widths[key] for key in tuned.kept},
     )
     if output is not None:
         from .pipeline import export_and_verify

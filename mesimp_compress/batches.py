@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, MesimpError
 
 
 def split_batch(batch: Any, *, where: str = "data") -> tuple[tuple[Any, ...], Any]:
@@ -31,6 +32,20 @@ def split_batch(batch: Any, *, where: str = "data") -> tuple[tuple[Any, ...], An
             f"{where}: inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}"
         )
     return inputs, targets
+
+
+@contextmanager
+def user_code(what: str, where: str) -> Iterator[None]:
+    """Run user code (the model, its loss or metric) on one batch: a failure becomes a
+    DataError that names what failed and on which batch (the original stays chained as
+    ``__cause__``); the library's own errors and interrupts pass through unchanged."""
+    try:
+        yield
+    except MesimpError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(f"{what} failed on {where}: {type(exc).__name__}: {first}") from exc
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:

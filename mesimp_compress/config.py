@@ -125,6 +125,10 @@ class CompressConfig:
         _int_min("bench_threads", self.bench_threads, 1, MAX_THREADS)
         if self.bench_seq is not None:
             _int_min("bench_seq", self.bench_seq, 1, 1 << 20)
+        if self.opset is not None:
+            import onnx
+
+            _int_min("opset", self.opset, MIN_OPSET, onnx.defs.onnx_opset_version())
         if not self.batches or any(not _is_int(b) or b < 1 for b in self.batches):
             raise ConfigError(
                 f"batches must be a non-empty list of positive ints, got {self.batches!r}"
@@ -293,6 +297,10 @@ def _range(name: str, value: Any, low: float, high: float, *, low_open: bool) ->
     if not ok_low or value > high:
         bracket = "(" if low_open else "["
         raise ConfigError(f"{name} must lie in {bracket}{low}, {high}], got {value!r}")
+
+
+MIN_OPSET = 7
+"""The oldest ONNX opset torch.onnx exports to (the newest is the installed onnx's)."""
 
 
 def _int_min(name: str, value: Any, low: int, high: int | None = None) -> None:

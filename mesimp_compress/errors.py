@@ -59,5 +59,9 @@ class SizeError(MesimpError):
     """An exported model did not shrink as the plan says it should."""
 
 
-class OutputExistsError(MesimpError):
+class OutputError(MesimpError):
+    """The output directory cannot be written where it was asked for."""
+
+
+class OutputExistsError(OutputError):
     """The output directory exists and is not empty (use force to overwrite)."""

@@ -159,6 +159,7 @@ def _export_with_fallback(
             _EXPORT[name](job, scratch / target.name)
             check_onnx(scratch / target.name)
             _check_dynamic(scratch / target.name, job)
+            _check_opset(scratch / target.name, job)
             for part in sorted(scratch.iterdir(), key=lambda p: p.name == target.name):
                 os.replace(part, target.parent / part.name)
         except ExportError as exc:
@@ -255,6 +256,26 @@ def _check_dynamic(path: Path, job: _Job) -> None:
                 )
 
 
+def _check_opset(path: Path, job: _Job) -> None:
+    """A requested opset must be the file's: an exporter that could not convert to it
+    (the dynamo exporter keeps its own opset then) counts as failed."""
+    if job.opset is None:
+        return
+    got = _opset_of(_load_without_data(path))
+    if got != job.opset:
+        raise ExportError(f"wrote opset {got}, not the requested {job.opset}")
+
+
+def _load_without_data(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _opset_of(model: Any) -> int:
+    return int(next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0))
+
+
 def check_onnx(path: str | os.PathLike[str]) -> None:
     """Run ``onnx.checker`` with the full check (strict shape inference); ExportError on failure."""
     import onnx
@@ -269,7 +290,7 @@ def _describe(path: Path, exporter: str, job: _Job, reason: str | None) -> Expor
     import onnx
 
     model = onnx.load(str(path))
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = _opset_of(model)
     inits = model.graph.initializer
     elements = sum(math.prod(init.dims) for init in inits)
     in_graph = {v.name for v in model.graph.input}

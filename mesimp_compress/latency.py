@@ -231,7 +231,11 @@ def dense_twin(model: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             fresh = _fresh(child)
             if fresh is not None:
-                fresh.load_state_dict(child.state_dict())
+                state = child.state_dict()
+                floating = [t.dtype for t in state.values() if t.is_floating_point()]
+                if floating:  # built in the default dtype; a float64 model stays float64
+                    fresh.to(floating[0])
+                fresh.load_state_dict(state)
                 setattr(module, name, fresh.eval())
     return twin
 

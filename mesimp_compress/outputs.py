@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputExistsError
+from .errors import OutputError, OutputExistsError
 
 
 class OutputDir:
@@ -33,8 +33,15 @@ class OutputDir:
                     "(use --force to replace it)"
                 )
         parent = self.path.parent
-        if not parent.exists():
+        try:
             parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where a folder should be, no permission, ...
+            raise OutputError(
+                f"cannot create the folder {parent} for the output: "
+                f"{exc.strerror or exc} ({exc.filename})"
+            ) from None
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write the output into {parent}: not a writable folder")
         self._staging: Path | None = None
 
     @property

@@ -129,12 +129,16 @@ def _prove(
             for label, model in ((ORIGINAL, before), (COMPRESSED, after))
         }
         emit(sink, "stage", message="evaluating both ONNX models")
+        with torch.no_grad():
+            like = after(*inputs)  # ORT's flat outputs go to the metric in this structure
         metrics = {
             "name": getattr(metric, "__name__", None) or "accuracy",
             "torch_before": tuned.metric_before,
             "torch_after": tuned.metric_after,
-            "ort_before": evaluate_onnx(sessions[ORIGINAL], eval_data, metric, input_names=names),
-            "ort_after": evaluate_onnx(sessions[COMPRESSED], eval_data, metric, input_names=names),
+            "ort_before": evaluate_onnx(sessions[ORIGINAL], eval_data, metric, input_names=names,
+                                        like=like),
+            "ort_after": evaluate_onnx(sessions[COMPRESSED], eval_data, metric, input_names=names,
+                                       like=like),
         }
 
         timed = {ORIGINAL: paths[ORIGINAL], COMPRESSED: paths[COMPRESSED]}
@@ -157,7 +161,8 @@ def _prove(
                 input_names=names,
                 raise_on_fail=False,
             )
-            metrics["int8"] = evaluate_onnx(int8, eval_data, metric, input_names=names)
+            metrics["int8"] = evaluate_onnx(int8, eval_data, metric, input_names=names,
+                                            like=like)
 
         emit(sink, "stage", message="timing in onnxruntime (interleaved)")
         threads = sorted({1, cfg.bench_threads, os.cpu_count() or 1})
@@ -186,6 +191,7 @@ def _prove(
         config=cfg.to_dict(),
         layers=layer_rows(before, after, sizes),
         plan=plan,
+        widths={key: len(kept) for key, kept in tuned.kept.items()},
         metrics=metrics,
         parity=parity,
         latency=latency,

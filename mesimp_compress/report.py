@@ -10,8 +10,9 @@ Schema (version 1); a key whose value is unknown holds ``null``::
                          name, kind, width_before, width_after (output units: Linear
                          out_features, Conv out_channels, LSTM hidden_size, ...),
                          params_before, params_after (PyTorch), onnx_params_before,
-                         onnx_params_after and size_status ("match"/"folded", see sizes.py)
-    widths               per layer key of the plan: {"before": n, "after": m}
+                         onnx_params_after, size_status ("match"/"folded", see sizes.py) and
+                         folded_in (ONNX elements a folded neighbour added to the layer)
+    widths               per prunable layer key: {"before": n, "after": m} (equal if not cut)
     params               {"before", "after", "ratio"}: parameter totals of the two models
     metrics              {"name", "torch_before", "torch_after", "ort_before", "ort_after",
                           "int8"}: the task metric of each model (PyTorch and onnxruntime)
@@ -58,6 +59,7 @@ def build_report(
     config: Any = None,
     layers: Sequence[Mapping[str, Any]] = (),
     plan: Any = None,
+    widths: Mapping[str, int] | None = None,
     metrics: Mapping[str, Any] | None = None,
     parity: Mapping[str, Any] | None = None,
     latency: Any = None,
@@ -82,7 +84,7 @@ def build_report(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": _plain(config) if config is not None else {},
         "layers": rows,
-        "widths": _plan_widths(plan),
+        "widths": _plan_widths(plan, widths),
         "params": {"before": before, "after": after, "ratio": before / after if after else None},
         "metrics": {
             "name": None,
@@ -132,6 +134,7 @@ def layer_rows(
                 "onnx_params_before": getattr(size, "onnx_params_before", None),
                 "onnx_params_after": getattr(size, "onnx_params", None),
                 "size_status": getattr(size, "status", None),
+                "folded_in": getattr(size, "folded_in", None),
             }
         )
     return rows
@@ -214,11 +217,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _plan_widths(plan: Any) -> dict[str, dict[str, int]]:
-    if plan is None:
-        return {}
-    new = plan.new_widths()
-    return {key: {"before": int(plan.widths[key]), "after": int(new[key])} for key in new}
+def _plan_widths(plan: Any, widths: Mapping[str, int] | None) -> dict[str, dict[str, int]]:
+    """Before/after per layer key of the plan, and per prunable layer it left whole."""
+    rows = {key: {"before": int(w), "after": int(w)} for key, w in (widths or {}).items()}
+    if plan is not None:
+        new = plan.new_widths()
+        rows.update(
+            {key: {"before": int(plan.widths[key]), "after": int(new[key])} for key in new}
+        )
+    return rows
 
 
 def _parity_by_output(parity: Mapping[str, Any]) -> dict[str, dict[str, float]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 from .errors import ShapeError
 
@@ -56,10 +57,27 @@ def distillation(student: Any, teacher: Any, targets: Any, temperature: float) -
     """Match the original model's outputs: soft-label KL for logits, MSE otherwise.
 
     Logits are recognised as float outputs whose leading dims match integer targets; padding
-    positions (target -100) are skipped.
+    positions (target -100) are skipped. A structured output (tuple, list, dict) is matched
+    leaf by leaf: the sum over its floating-point tensors.
     """
-    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
-        raise ShapeError("distillation needs tensor outputs from the model")
+    if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
+        return _distill(student, teacher, targets, temperature)
+    mine, theirs = pytree.tree_leaves(student), pytree.tree_leaves(teacher)
+    pairs = [
+        (s, t) for s, t in zip(mine, theirs, strict=False)
+        if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor)
+        and s.is_floating_point() and s.shape == t.shape
+    ]
+    if len(mine) != len(theirs) or not pairs:
+        raise ShapeError(
+            "distillation needs floating-point tensor outputs from the model (a tensor, or "
+            "tuples/lists/dicts of them); set distill = 0 for this model"
+        )
+    return sum(_distill(s, t, targets, temperature) for s, t in pairs)
+
+
+def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
+             temperature: float) -> torch.Tensor:
     is_logits = (
         isinstance(targets, torch.Tensor)
         and not targets.dtype.is_floating_point

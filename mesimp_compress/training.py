@@ -20,7 +20,7 @@ from torch import nn
 
 from . import tasks
 from .activity import ActivityTracker
-from .batches import batch_size, count_batches, split_batch, to_device
+from .batches import batch_size, count_batches, split_batch, to_device, user_code
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import CompressConfig
 from .distributed import World, wrap
@@ -85,10 +85,15 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
     was_training = model.training
     model.eval()
     total = count = 0.0
-    for batch in data:
+    for i, batch in enumerate(data):
         inputs, targets = split_batch(batch, where="eval data")
         inputs, targets = to_device(inputs, device), to_device(targets, device)
-        s, c = tasks.metric_value(metric(model(*inputs), targets), batch_size(inputs))
+        where = f"eval batch {i + 1}"
+        with user_code("the model", where):
+            outputs = model(*inputs)
+        with user_code("the metric", where):
+            value = metric(outputs, targets)
+        s, c = tasks.metric_value(value, batch_size(inputs))
         total += s
         count += c
     model.train(was_training)
@@ -269,7 +274,7 @@ class FineTuner:
                 if i == skip - 1 and rng is not None:
                     set_rng_state(rng)  # the generators as they were at the checkpoint
                 continue
-            loss = self._train_step(batch, epoch)
+            loss = self._train_step(batch, epoch, i)
             running += loss
             seen += 1
             in_window += 1
@@ -285,14 +290,17 @@ class FineTuner:
         window rather than make one of their own (the rule on 2 batches would cut deep)."""
         return 2 * (self.n_batches - (i + 1)) < self.window_batches
 
-    def _train_step(self, batch: Any, epoch: int) -> float:
+    def _train_step(self, batch: Any, epoch: int, index: int) -> float:
         inputs, targets = split_batch(batch, where="train data")
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        where = f"train batch {index + 1} (epoch {epoch})"
         with captured(self.model, self.layers) as mine, captured(
             self.teacher, self.layers
         ) as theirs:
-            outputs = self.net(*inputs)
-            loss = self.loss_fn(outputs, targets)
+            with user_code("the model", where):
+                outputs = self.net(*inputs)
+            with user_code("the loss", where):
+                loss = self.loss_fn(outputs, targets)
             if self.teacher is not None:
                 with torch.no_grad():
                     reference = self.teacher(*inputs)

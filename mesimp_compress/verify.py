@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import tasks
-from .batches import batch_size, split_batch
+from .batches import batch_size, split_batch, user_code
 from .errors import ExportError, ParityError, ShapeError
 from .inputs import on_device_of, resize_inputs
 
@@ -107,6 +107,17 @@ def run_onnx(
 ) -> list[np.ndarray]:
     """The session's outputs for ``inputs``, in the model's output order."""
     return list(session.run(None, feed(session, inputs, input_names)))
+
+
+def shaped_like(outputs: Sequence[torch.Tensor], like: Any) -> Any:
+    """ORT's flat ``outputs`` in the structure of ``like``, one PyTorch output of the same
+    model (a tensor, or tuples/lists/dicts of them): each tensor leaf of ``like`` in turn
+    takes the next ORT output, and its other leaves (None, numbers) are kept as they are."""
+    leaves, spec = pytree.tree_flatten(like)
+    flat = iter(outputs)
+    return pytree.tree_unflatten(
+        [next(flat) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec
+    )
 
 
 def torch_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -249,20 +260,30 @@ def evaluate_onnx(
     metric: Any = None,
     *,
     input_names: Sequence[str] | None = None,
+    like: Any = None,
 ) -> float:
-    """The task metric (accuracy by default) of the ONNX model over all of ``data``: the
-    outputs go to ``metric(outputs, targets)`` as tensors (a tuple when there are several)."""
+    """The task metric (accuracy by default) of the ONNX model over all of ``data``. The
+    outputs go to ``metric(outputs, targets)`` as tensors, in the structure of ``like`` (one
+    output of the PyTorch model, e.g. a dict) when given, else one tensor or a tuple."""
     session = session_of(onnx_model)
     metric = metric or tasks.accuracy
     total = count = 0.0
-    for batch in data:
+    for i, batch in enumerate(data):
         inputs, targets = split_batch(batch, where="eval data")
-        outs = [torch.from_numpy(np.asarray(o)) for o in run_onnx(session, inputs, input_names)]
-        outputs = outs[0] if len(outs) == 1 else tuple(outs)
-        s, c = tasks.metric_value(
-            metric(outputs, targets.cpu() if isinstance(targets, torch.Tensor) else targets),
-            batch_size(inputs),
-        )
+        try:
+            flat = run_onnx(session, inputs, input_names)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ExportError(
+                f"onnxruntime failed on eval batch {i + 1}: {type(exc).__name__}: {_line(exc)}"
+            ) from exc
+        outs = [torch.from_numpy(np.asarray(o)) for o in flat]
+        if like is not None:
+            outputs = shaped_like(outs, like)
+        else:
+            outputs = outs[0] if len(outs) == 1 else tuple(outs)
+        with user_code("the metric", f"eval batch {i + 1} (onnxruntime outputs)"):
+            value = metric(outputs, targets.cpu() if isinstance(targets, torch.Tensor) else targets)
+        s, c = tasks.metric_value(value, batch_size(inputs))
         total += s
         count += c
     return total / count if count else float("nan")
@@ -276,12 +297,15 @@ def evaluate_torch(model: nn.Module, data: Iterable[Any], metric: Any = None) ->
     total = count = 0.0
     try:
         with torch.no_grad():
-            for batch in data:
+            for i, batch in enumerate(data):
                 inputs, targets = split_batch(batch, where="eval data")
-                outputs = model(*on_device_of(model, inputs))
+                with user_code("the model", f"eval batch {i + 1}"):
+                    outputs = model(*on_device_of(model, inputs))
                 if isinstance(targets, torch.Tensor):
                     targets = targets.to(next((p.device for p in model.parameters()), "cpu"))
-                s, c = tasks.metric_value(metric(outputs, targets), batch_size(inputs))
+                with user_code("the metric", f"eval batch {i + 1}"):
+                    value = metric(outputs, targets)
+                s, c = tasks.metric_value(value, batch_size(inputs))
                 total += s
                 count += c
     finally:
@@ -307,5 +331,6 @@ __all__ = [
     "parity_inputs",
     "run_onnx",
     "session_of",
+    "shaped_like",
     "torch_outputs",
 ]

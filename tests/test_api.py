@@ -143,3 +143,67 @@ def test_an_export_failure_leaves_no_folder_and_no_staging(tmp_path, data, monke
     assert not out.exists() and not calls[0].parent.exists()
     # only the window checkpoint stays (for --resume); no staging folder, no half-written DIR
     assert [p.name for p in tmp_path.iterdir()] in ([], [".out.checkpoint"])
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        ("label", r"the loss failed on train batch 3 \(epoch 0\): IndexError"),
+        ("shape", r"the model failed on train batch 3 \(epoch 0\): RuntimeError"),
+        ("eval", r"the model failed on eval batch 2: RuntimeError"),
+    ],
+)
+def test_a_bad_batch_after_the_first_is_a_data_error_naming_it(tmp_path, data, spoil,
+                                                                message) -> None:
+    train, eval_data = list(data[0]), list(data[1])
+    if spoil == "label":
+        x, y = train[2]
+        train[2] = (x, y.clone().fill_(99))
+    elif spoil == "shape":
+        x, y = train[2]
+        train[2] = (x[:, :-1], y)
+    else:
+        x, y = eval_data[1]
+        eval_data[1] = (x[:, :-1], y)
+    with pytest.raises(mc.DataError, match=message) as info:
+        mc.compress(_tiny.mlp(), train, eval_data, config=CFG, out=tmp_path / "out")
+    assert info.value.__cause__ is not None  # the user's own error stays chained
+    assert not (tmp_path / "out").exists()
+
+
+class DictMLP(torch.nn.Module):
+    """The tiny MLP returning {"logits": ..., "hidden": None}: a structured output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _tiny.mlp()
+
+    def forward(self, x):
+        return {"logits": self.net(x), "hidden": None}
+
+
+def _dict_loss(out, targets):
+    return torch.nn.functional.cross_entropy(out["logits"], targets)
+
+
+def _dict_metric(out, targets):
+    assert set(out) == {"logits", "hidden"} and out["hidden"] is None
+    return float((out["logits"].argmax(-1) == targets).sum()), float(len(targets))
+
+
+@pytest.mark.slow
+def test_a_dict_output_reaches_the_metric_as_a_dict_in_onnxruntime_too(tmp_path, data) -> None:
+    result = mc.compress(DictMLP(), *data, config=CFG, out=tmp_path / "out", loss=_dict_loss,
+                         metric=_dict_metric)
+    metrics = result.report["metrics"]
+    assert metrics["ort_before"] == pytest.approx(metrics["torch_before"], abs=1e-6)
+    assert metrics["ort_after"] == pytest.approx(metrics["torch_after"], abs=1e-6)
+    assert 0.0 < metrics["ort_after"] <= 1.0
+
+
+def test_widths_name_every_prunable_layer_even_one_left_whole(data) -> None:
+    result = mc.compress(_tiny.mlp(), *data, config=CFG.replace(min_width=24))
+    assert set(result.widths) == {"0", "2"}
+    assert result.widths["2"] == 24 and "2" not in result.plan.kept  # nothing cut: kept whole
+    assert 24 <= result.widths["0"] < 32
+    assert result.model[2].out_features == 24 and result.model[0].out_features == result.widths["0"]

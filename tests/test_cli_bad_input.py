@@ -171,6 +171,15 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path):
     assert out.read_text() == "a file" and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_an_output_path_under_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "afile").write_text("a file")
+    out = tmp_path / "afile" / "sub" / "out"
+    result = invoke(["compress", T("mlp"), "--data", T("mlp_data"), "--out", str(out), *FAST])
+    assert_one_line_error(result, "OutputError: cannot create the folder")
+    assert "epoch" not in result.output.lower()  # refused before any training
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
 @pytest.mark.slow
 def test_an_export_failure_leaves_no_output_folder(tmp_path):
     run_dir = tmp_path / "run"

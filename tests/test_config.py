@@ -32,6 +32,9 @@ def test_toml_keys_with_hyphens_and_a_compress_table(tmp_path):
         ("k = [\n", "malformed TOML"),
         ("batches = [0, 8]\n", "batches"),
         ("compensate = 'yes'\n", "compensate must be one of off, mean, linear"),
+        ("opset = 3\n", "opset must be an integer >= 7"),
+        ("opset = -1\n", "opset must be an integer >= 7"),
+        ("opset = 99\n", "opset must be an integer <= "),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, match):

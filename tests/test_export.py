@@ -1,3 +1,5 @@
+import re
+
 import _onnx_zoo as zoo
 import onnx
 import pytest
@@ -155,6 +157,18 @@ class _Outer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.spectrum(self.first(x).unsqueeze(-1) * torch.ones(1, 1, 4)))
+
+
+def test_an_opset_the_dynamo_exporter_cannot_write_falls_back_to_torchscript(tmp_path):
+    events = []
+    r = export_onnx(zoo.mlp(), (torch.randn(2, 16),), tmp_path / "o13.onnx", opset=13,
+                    sink=events.append)
+    assert r.opset == 13 and onnx.load(str(r.path)).opset_import[0].version == 13
+    # torch 2.13's dynamo exporter writes opset 18 when it cannot convert down
+    assert r.exporter == "torchscript"
+    assert re.search(r"wrote opset \d+, not the requested 13", r.fallback_reason)
+    assert [e.kind for e in events if e.kind == "export_fallback"] == ["export_fallback"]
+    assert [p.name for p in tmp_path.iterdir()] == ["o13.onnx"]
 
 
 def test_dynamo_failure_falls_back_to_torchscript_and_says_so(tmp_path):

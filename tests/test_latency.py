@@ -172,6 +172,19 @@ def test_dense_twin_rebuilds_every_layer_as_a_plain_module_with_the_same_functio
     assert twin[4] is not model[4] and twin[4].weight.data_ptr() != model[4].weight.data_ptr()
 
 
+def test_dense_twin_keeps_a_float64_model_in_float64():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).double().eval()
+    model[1].running_var.uniform_(0.5, 2.0)
+    twin = dense_twin(model)
+    assert {p.dtype for p in twin.state_dict().values() if p.is_floating_point()} == {
+        torch.float64
+    }
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+
+
 def test_dense_twin_of_a_bidirectional_lstm_tagger():
     torch.manual_seed(0)
     model = zoo.Tagger().eval()

@@ -156,3 +156,15 @@ def test_constructor_and_parameters():
     weight = conv.weight
     plain = conv.unwrap()
     assert type(plain) is nn.Conv2d and plain.weight is weight
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+def test_an_empty_batch_gives_zero_gradients_like_plain_autograd(mode):
+    layer = nn.Conv2d(3, 6, 3)
+    mep = MePropConv2d.wrap(copy.deepcopy(layer), k=2, mode=mode)
+    for module in (layer, mep):
+        x = torch.randn(0, 3, 5, 5, requires_grad=True)
+        module(x).sum().backward()
+        assert x.grad.shape == x.shape
+    assert torch.equal(mep.weight.grad, layer.weight.grad)
+    assert torch.equal(mep.bias.grad, layer.bias.grad)

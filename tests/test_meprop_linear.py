@@ -202,3 +202,18 @@ def test_create_graph_gives_first_order_gradients_and_refuses_a_second_order():
     torch.testing.assert_close(grad_x, expected[0], atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize("shape", [(0, 6), (0, 3, 6)])
+def test_an_empty_batch_gives_zero_gradients_like_plain_autograd(mode, shape):
+    layer = nn.Linear(6, 5)
+    tracker = ActivityTracker()
+    mep = MePropLinear.wrap(copy.deepcopy(layer), k=2, mode=mode, tracker=tracker, key="fc")
+    for module in (layer, mep):
+        x = torch.randn(*shape, requires_grad=True)
+        module(x).sum().backward()
+        assert x.grad.shape == x.shape
+    assert torch.equal(mep.weight.grad, layer.weight.grad)  # zeros
+    assert torch.equal(mep.bias.grad, layer.bias.grad)
+    assert tracker.keys() == []

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mesimp_compress.errors import OutputExistsError
+from mesimp_compress.errors import OutputError, OutputExistsError
 from mesimp_compress.outputs import OutputDir
 
 
@@ -56,3 +56,12 @@ def test_a_file_in_the_way_is_refused(tmp_path):
     (tmp_path / "run").write_text("x")
     with pytest.raises(OutputExistsError, match="not a directory"):
         OutputDir(tmp_path / "run")
+
+
+def test_a_file_where_a_parent_folder_should_be_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for target in (tmp_path / "afile" / "run", tmp_path / "afile" / "deeper" / "run"):
+        with pytest.raises(OutputError, match="cannot create the folder"):
+            OutputDir(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+    assert issubclass(OutputExistsError, OutputError)

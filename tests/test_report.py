@@ -44,10 +44,11 @@ def test_layer_rows_give_widths_and_parameters_before_and_after():
         "onnx_params_before": 204,
         "onnx_params_after": 85,
         "size_status": "match",
+        "folded_in": 0,
     }
     assert (rows["2"]["width_before"], rows["2"]["width_after"]) == (12, 4)
     assert (rows["2"]["params_before"], rows["2"]["params_after"]) == (12 * 12 + 12, 5 * 4 + 4)
-    assert rows["4"]["onnx_params_after"] is None
+    assert rows["4"]["onnx_params_after"] is None and rows["4"]["folded_in"] is None
 
 
 def test_unit_width_of_each_layer_kind():

@@ -39,3 +39,17 @@ def test_distillation_falls_back_to_mse_for_embeddings():
 def test_metric_value_normalises_means_and_pairs():
     assert tasks.metric_value((3.0, 4.0), 10) == (3.0, 4.0)
     assert tasks.metric_value(0.5, 10) == (5.0, 10.0)
+
+
+def test_distillation_of_a_structured_output_sums_its_float_leaves():
+    torch.manual_seed(0)
+    targets = torch.randint(0, 4, (5,))
+    s_logits, t_logits = torch.randn(5, 4), torch.randn(5, 4)
+    s_feat, t_feat = torch.randn(5, 3, 2), torch.randn(5, 3, 2)  # not logits: MSE
+    expected = tasks.distillation(s_logits, t_logits, targets, 2.0) + F.mse_loss(s_feat, t_feat)
+    student = {"logits": s_logits, "extra": (s_feat, None, targets)}
+    teacher = {"logits": t_logits, "extra": (t_feat, None, targets)}
+    got = tasks.distillation(student, teacher, targets, 2.0)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ShapeError, match="distill = 0"):
+        tasks.distillation({"ids": targets}, {"ids": targets}, targets, 2.0)

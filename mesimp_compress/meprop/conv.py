@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import rowgrad
-from .functions import per_example_units, record_hook, unified_units
+from .functions import empty_batch_grads, per_example_units, record_hook, unified_units
 from .settings import MePropSettings, Swappable, build_settings, runs_dense
 
 
@@ -38,6 +38,8 @@ class _Conv2dFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):  # noqa: D102
         x, weight = ctx.saved_tensors
+        if dy.numel() == 0:
+            return (*empty_batch_grads(ctx, x, weight), None, None, None, None, None, None)
         if x.dtype != dy.dtype:  # autocast ran the forward in another precision
             x, weight = x.to(dy.dtype), weight.to(dy.dtype)
         weight_param, bias_param = ctx.params

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import rowgrad
 from .settings import MePropSettings
 
 _SYNC: dict[str, object] = {"on": False, "group": None}
@@ -45,6 +46,21 @@ def per_example_units(
     counts.index_add_(0, picks.reshape(-1), torch.ones_like(picks).reshape(-1))
     units = counts.nonzero().squeeze(1)
     return mask, counts, units
+
+
+def empty_batch_grads(ctx, x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """Gradients of a meProp layer for a batch without examples: zeros, as plain autograd
+    gives (a row-sparse optimizer gets no rows); nothing is recorded."""
+    needs = ctx.needs_input_grad
+    weight_param, bias_param = ctx.params
+    grad_x = torch.zeros_like(x) if needs[0] else None
+    grad_w = grad_b = None
+    if needs[1]:
+        none = torch.zeros(0, dtype=torch.int64, device=weight.device)
+        grad_w = rowgrad.deliver(weight_param, none, weight.new_zeros((0, *weight.shape[1:])))
+    if needs[2]:
+        grad_b = torch.zeros_like(bias_param)
+    return grad_x, grad_w, grad_b
 
 
 def record_hook(settings: MePropSettings, key: str, examples: int, width: int) -> Callable:

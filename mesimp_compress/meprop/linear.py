@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import rowgrad
-from .functions import per_example_units, record_hook, unified_units
+from .functions import empty_batch_grads, per_example_units, record_hook, unified_units
 from .settings import MePropSettings, Swappable, build_settings, runs_dense
 
 
@@ -45,6 +45,8 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
     inputs take no reshapes and unified mode costs one |dy| reduction, one top-k and two
     gathers besides the small matmuls."""
     x, weight = ctx.saved_tensors
+    if dy.numel() == 0:
+        return (*empty_batch_grads(ctx, x, weight), None, None)
     if x.dtype != dy.dtype:  # autocast ran the forward in another precision
         x, weight = x.to(dy.dtype), weight.to(dy.dtype)
     s = ctx.settings
