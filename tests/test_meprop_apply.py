@@ -179,3 +179,24 @@ def test_sequential_mlp_output_layer_is_last_linear():
     assert apply_meprop(mlp, 3, mode="per_example", sparse_bias=True) == ["0", "2"]
     assert mlp[0].meprop.mode == "per_example" and mlp[2].meprop.sparse_bias
     assert mlp[0].meprop.key == "0"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_meprop_trains_under_cpu_autocast_after_a_low_precision_layer(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 4))
+    lstm = nn.LSTM(4, 6, batch_first=True)
+    apply_meprop(model, 4)
+    apply_meprop(nn.ModuleList([lstm]), 3, output_layer="")
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(torch.randn(5, 8))
+        seq, _ = lstm(out.unsqueeze(1).expand(5, 3, 4))  # the LSTM's input is low precision
+        loss = out.float().pow(2).mean() + seq.float().pow(2).mean()
+    loss.backward()
+    for p in (*model.parameters(), *lstm.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.float32
+        assert torch.isfinite(p.grad).all()
+    rows = (model[2].weight.grad.abs().sum(1) > 0).sum().item()
+    assert 1 <= rows <= 4  # only the top-k rows of the second layer got a gradient
+    assert (lstm.weight_hh_l0.grad.abs().sum(1) > 0).sum().item() <= 4 * 3

@@ -40,8 +40,8 @@ class _Conv2dFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         if dy.numel() == 0:
             return (*empty_batch_grads(ctx, x, weight), None, None, None, None, None, None)
-        if x.dtype != dy.dtype:  # autocast ran the forward in another precision
-            x, weight = x.to(dy.dtype), weight.to(dy.dtype)
+        if x.dtype != dy.dtype or weight.dtype != dy.dtype:  # autocast: compute in dy's
+            x, weight = x.to(dy.dtype), weight.to(dy.dtype)  # precision, as autocast does
         weight_param, bias_param = ctx.params
         s = ctx.settings
         k, stride, padding, dilation, groups = ctx.conf

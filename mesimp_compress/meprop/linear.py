@@ -47,8 +47,8 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
     x, weight = ctx.saved_tensors
     if dy.numel() == 0:
         return (*empty_batch_grads(ctx, x, weight), None, None)
-    if x.dtype != dy.dtype:  # autocast ran the forward in another precision
-        x, weight = x.to(dy.dtype), weight.to(dy.dtype)
+    if x.dtype != dy.dtype or weight.dtype != dy.dtype:  # autocast ran the forward in dy's
+        x, weight = x.to(dy.dtype), weight.to(dy.dtype)  # precision: compute in it, as it does
     s = ctx.settings
     width = weight.shape[0]
     flat = dy.dim() == 2 and x.dim() == 2

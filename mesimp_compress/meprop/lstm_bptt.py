@@ -120,6 +120,10 @@ class LSTMLayerFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dhn, dcn):  # noqa: D102
         x, h0, c0, out, *weights = ctx.saved_tensors
+        if any(t.dtype != out.dtype for t in (x, h0, c0, *weights)):
+            # autocast ran the forward in out's precision: the backward computes in it too
+            x, h0, c0 = x.to(out.dtype), h0.to(out.dtype), c0.to(out.dtype)
+            weights = [w.to(out.dtype) for w in weights]
         plan = ctx.plan
         dirs = 2 if plan.bidirectional else 1
         per_dir = 4 if plan.bias else 2
