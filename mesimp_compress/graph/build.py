@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .modules import PRODUCER_KINDS, UNSUPPORTED_KINDS
+from .shrink import followed
 from .structure import ROLE_OUT, Group, Member, Skipped, Structure, hidden_role
 from .trace import GroupInfo, MemberRecord, Tracer
 
@@ -36,11 +37,14 @@ def find_groups(
     ``example_inputs`` is passed as ``model(**x)`` for a mapping, ``model(*x)`` for a tuple or
     list, else ``model(x)``; one forward runs in eval mode without grad, and the training flags
     are restored afterwards. ``exclude`` holds module names or keys (fnmatch patterns) to leave
-    alone. Raises DataError if the forward fails on the example inputs.
+    alone. Raises DataError if the forward fails on the example inputs. Last, each group is
+    shrunk by one unit on a copy of the model, which must then match the masked original
+    (:mod:`.shrink`): a width written down as numbers leaves its layer alone.
     """
     tracer = Tracer(model)
     out = tracer.run(example_inputs)
-    return _Assembler(model, tracer, out, list(exclude), allow_residual).structure()
+    structure = _Assembler(model, tracer, out, list(exclude), allow_residual).structure()
+    return followed(model, example_inputs, structure)
 
 
 class _Assembler:

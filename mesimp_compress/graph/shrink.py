@@ -1,0 +1,100 @@
+"""The last step of :func:`find_groups`: check that the model really follows a smaller width.
+
+The trace sees one forward pass at the original widths. Code that writes a width down as
+numbers (``x.view(-1, 16 * 4 * 4)``, ``h.view(B, T, 3, 4)``, ``unflatten(-1, (3, 4))``)
+looks like plain movement there, yet fails or scrambles the units once a layer loses some.
+So each group is shrunk by one unit (its last) on a copy of the model, and the copy must
+give the outputs of the original with that unit's reads zeroed (the masked twin); a group
+that does not is left alone, with what went wrong as its reason. All groups are shrunk
+together first, so a model that follows every width pays for one check.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .structure import Skipped, Structure
+
+
+def followed(model: nn.Module, example_inputs: Any, structure: Structure) -> Structure:
+    """``structure`` without the groups the model does not follow when they shrink."""
+    units = _units(structure)
+    if not units or _failure(model, example_inputs, structure, units) is None:
+        return structure
+    skipped = list(structure.skipped)
+    dropped: set[str] = set()
+    for keys in units:
+        failure = _failure(model, example_inputs, structure, [keys])
+        if failure is not None:
+            dropped.update(keys)
+            skipped += [Skipped(key, failure) for key in keys]
+    groups = {k: g for k, g in structure.groups.items() if k not in dropped}
+    return Structure(groups, skipped)
+
+
+def _units(structure: Structure) -> list[tuple[str, ...]]:
+    """The keys to shrink, each tied set (one nn.LSTM's layers) as one entry."""
+    units: dict[tuple[str, ...], None] = {}
+    for key, group in structure.groups.items():
+        keys = tuple(group.tied) or (key,)
+        if all(structure.groups[k].width >= 2 for k in keys if k in structure.groups):
+            units.setdefault(keys, None)
+    return list(units)
+
+
+def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
+             units: list[tuple[str, ...]]) -> str | None:
+    """What goes wrong when every key of ``units`` loses its last unit, or None."""
+    from ..plan import make_plan
+    from ..surgery import apply_plan, zero_removed
+
+    kept = {k: range(structure.groups[k].width - 1) for keys in units for k in keys
+            if k in structure.groups}
+    plan = make_plan(structure, kept)
+    try:
+        masked, shrunk = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+    except Exception:  # noqa: BLE001 - a model that cannot be copied is not checked here
+        return None
+    zero_removed(masked, plan)
+    named = ", ".join(f"'{k}'" for k in kept)
+    try:
+        apply_plan(shrunk, plan)
+        expected, got = _run(masked, example_inputs), _run(shrunk, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
+        text = " ".join(str(exc).split())[:160]
+        return f"the model fails once {named} loses units ({type(exc).__name__}: {text})"
+    problem = _difference(expected, got)
+    return None if problem is None else f"the model does not follow a smaller {named}: {problem}"
+
+
+def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if isinstance(example_inputs, dict):
+            out = model(**example_inputs)
+        elif isinstance(example_inputs, (tuple, list)):
+            out = model(*example_inputs)
+        else:
+            out = model(example_inputs)
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def _difference(expected: list[torch.Tensor], got: list[torch.Tensor]) -> str | None:
+    if len(expected) != len(got):
+        return f"{len(got)} outputs instead of {len(expected)}"
+    for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+        if e.shape != g.shape:
+            return f"output {i} has shape {tuple(g.shape)} instead of {tuple(e.shape)}"
+        if e.is_floating_point():
+            scale = 1.0 + float(e.abs().max()) if e.numel() else 1.0
+            gap = float((e - g).abs().max()) if e.numel() else 0.0
+            if not gap <= 1e-4 * scale:
+                return f"output {i} moved by {gap:.3g} (its units were reordered or mixed)"
+        elif not torch.equal(e, g):
+            return f"output {i} changed"
+    return None

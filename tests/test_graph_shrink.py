@@ -1,0 +1,75 @@
+"""find_groups' last check: a width written down as numbers leaves its layer alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mesimp_compress.graph import find_groups
+from mesimp_compress.plan import make_plan
+from mesimp_compress.surgery import apply_plan, zero_removed
+
+torch.set_num_threads(1)
+
+
+class LeNet(nn.Module):
+    """The classic: conv features flattened with a literal size."""
+
+    def __init__(self, flatten: str) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 3), nn.Conv2d(6, 16, 3)
+        self.fc1, self.fc2 = nn.Linear(16 * 4 * 4, 32), nn.Linear(32, 10)
+        self.flatten = flatten
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        h = h.view(-1, 16 * 4 * 4) if self.flatten == "literal" else h.flatten(1)
+        return self.fc2(F.relu(self.fc1(h)))
+
+
+class Heads(nn.Module):
+    """A projection split into 3 heads of 4 by literal sizes, then merged back."""
+
+    def __init__(self, split: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 5)
+        self.split = split
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.split == "view":
+            h = h.view(x.shape[0], 3, 4).transpose(1, 2).reshape(x.shape[0], 12)
+        else:
+            h = h.unflatten(-1, (3, 4)).flatten(1)
+        return self.b(F.relu(h))
+
+
+def test_a_literal_flatten_size_leaves_the_conv_alone_and_the_rest_prunable():
+    model = LeNet("literal").eval()
+    x = torch.randn(4, 1, 12, 12)
+    structure = find_groups(model, x)
+    assert set(structure.groups) == {"conv1", "fc1"}
+    reason = structure.reason("conv2")
+    assert "fails once 'conv2' loses units" in reason and "[-1, 256]" in reason
+    plan = make_plan(structure, {"conv1": [0, 2, 5], "fc1": list(range(0, 32, 2))})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), atol=1e-6, rtol=0)
+
+
+def test_flatten_without_a_literal_keeps_the_conv_prunable():
+    structure = find_groups(LeNet("flatten").eval(), torch.randn(4, 1, 12, 12))
+    assert set(structure.groups) == {"conv1", "conv2", "fc1"}
+
+
+@pytest.mark.parametrize("split", ["view", "unflatten"])
+def test_literal_head_sizes_leave_the_projection_alone(split):
+    structure = find_groups(Heads(split).eval(), torch.randn(2, 6))
+    assert set(structure.groups) == set()
+    assert "fails once 'a' loses units" in structure.reason("a")
