@@ -23,9 +23,18 @@ from .activity import ActivityTracker
 from .config import CompressConfig
 from .errors import KError, UnsupportedStructureError
 from .graph import ROLE_IN, Group, Structure, find_groups
+from .graph.build import OUTPUT_REASON
 from .meprop.apply import output_layer_of
 from .plan import Plan, make_plan
 from .surgery import ActivationMeans, apply_plan
+
+
+def _output_layer(model: nn.Module, structure: Structure) -> str | None:
+    """The layer whose units reach the model output, as the trace saw it (the last such
+    module in definition order when there are several); else the last eligible module."""
+    reaching = {s.name for s in structure.skipped if s.reason == OUTPUT_REASON}
+    found = [name for name, _ in model.named_modules() if name in reaching]
+    return found[-1] if found else output_layer_of(model)
 
 
 def restrict(structure: Structure, plan: Plan) -> Structure:
@@ -59,7 +68,7 @@ class Simplifier:
         self.original_structure = structure
         self.original_widths = structure.widths()
         self.plan = Plan({}, {}, [])
-        self.output_layer = config.output_layer or output_layer_of(model)
+        self.output_layer = config.output_layer or _output_layer(model, structure)
         self.means: ActivationMeans | None = None
         if config.compensate != "off":
             self.means = self._measure(model)

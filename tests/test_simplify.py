@@ -92,3 +92,24 @@ def test_cumulative_plan_replays_on_a_fresh_model(name: str, tmp_path) -> None:
     again = load_compressed(factory().eval(), tmp_path / "plan.json", model.state_dict())
     with torch.no_grad():
         assert torch.equal(again(x), expected)
+
+
+class HeadFirst(torch.nn.Module):
+    """The output layer is defined before the body: definition order would pick 'fc2'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(24, 4)
+        self.fc1, self.fc2 = torch.nn.Linear(12, 32), torch.nn.Linear(32, 24)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_the_output_layer_is_the_one_whose_units_reach_the_output() -> None:
+    model = HeadFirst()
+    simplifier = Simplifier.build(model, torch.randn(4, 12), CompressConfig())
+    assert simplifier.output_layer == "head"
+    assert set(simplifier.prunable_keys()) == {"fc1", "fc2"}
+    named = Simplifier.build(HeadFirst(), torch.randn(4, 12), CompressConfig(output_layer="fc2"))
+    assert named.output_layer == "fc2"  # a named output layer wins

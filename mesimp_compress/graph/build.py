@@ -23,6 +23,7 @@ from .structure import ROLE_OUT, Group, Member, Skipped, Structure, hidden_role
 from .trace import GroupInfo, MemberRecord, Tracer
 
 _OUT_ATTR = {"Linear": "out_features", "Conv2d": "out_channels"}
+OUTPUT_REASON = "its units reach the model output (the output layer is never pruned)"
 
 
 def find_groups(
@@ -111,10 +112,7 @@ class _Assembler:
                 self.block(gid, "excluded by name")
         for codes, reason in self.tracer.blocks:
             self.block_codes(codes, reason)
-        self.block_codes(
-            self.tracer.output_codes(self.out),
-            "its units reach the model output (the output layer is never pruned)",
-        )
+        self.block_codes(self.tracer.output_codes(self.out), OUTPUT_REASON)
         for record in self.tracer.members:
             problem = self.module_problem(record.module)
             if problem:

@@ -58,8 +58,9 @@ def apply_meprop(
 ) -> list[str]:
     """Wrap the eligible layers of ``model`` with meProp in place; return their names.
 
-    ``include``/``exclude`` are fnmatch patterns on module names. The output layer (detected
-    as the last eligible module, or named) keeps dense backprop.
+    ``include``/``exclude`` are fnmatch patterns on module names. The output layer keeps
+    dense backprop: the one named, else the last eligible module in definition order (name
+    it when a model defines its head first; ``mc.compress`` finds it by tracing).
     """
     check_mode(mode)
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
