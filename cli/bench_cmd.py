@@ -50,6 +50,8 @@ def bench(
     if len(models) < 2:
         raise ConfigError("bench needs at least two ONNX files (the first is the baseline)")
     for path in models:
+        if path.is_dir():
+            raise IsADirectoryError(f"{str(path)!r} is a folder, not an ONNX file")
         if not path.is_file():
             raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist")
     batches = _ints(batch, "--batch")

@@ -49,7 +49,8 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except MesimpError as exc:
             raise fail(f"{type(exc).__name__}: {exc}") from None
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                PermissionError) as exc:
             raise fail(f"{type(exc).__name__}: {exc}") from None
         except KeyboardInterrupt:
             raise fail("interrupted", code=130) from None

@@ -143,9 +143,7 @@ def compress(
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-launch this command under torchrun
-        argv = _without_nproc(sys.argv[1:])
-        raise typer.Exit(subprocess.call(launch_command(nproc, argv)))
+    launch = nproc > 1 and "WORLD_SIZE" not in os.environ
     if int(os.environ.get("RANK", "0")) != 0:  # other ranks of a torchrun job stay silent
         quiet, as_json = True, False
     from mesimp_compress.config import CompressConfig, read_toml
@@ -184,6 +182,13 @@ def compress(
     }
     values.update({key: v for key, v in flags.items() if v is not None})
     cfg = CompressConfig.from_dict(values, source=str(config) if config else "flags")
+    if launch:  # settings checked here, so a bad one is one line, not one per worker
+        from mesimp_compress.api import check_launch
+
+        check_launch(cfg, out, force=force)
+        argv = _without_nproc(sys.argv[1:])
+        code = subprocess.call(launch_command(nproc, argv))
+        raise typer.Exit(0 if code == 0 else 2)  # the workers printed the error
 
     net = load_factory(model)
     if weights is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,18 @@ def export(
 ) -> None:
     import torch
 
-    from mesimp_compress.errors import ConfigError, OutputExistsError
+    from mesimp_compress.config import check_opset
+    from mesimp_compress.errors import ConfigError, OutputError, OutputExistsError
     from mesimp_compress.export import export_onnx, resize_inputs
     from mesimp_compress.spec import load_factory, load_weights
     from mesimp_compress.verify import check_parity
 
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists (use --force to replace it)")
+    if out.is_dir() or (out.exists() and not force):
+        raise OutputExistsError(f"{out} exists (use --force to replace a file)")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise OutputError(f"cannot write {out}: a parent of it is a file")
+    if opset is not None:
+        check_opset(opset)
     if bool(input_shape) == bool(data):
         raise ConfigError("give example inputs with either --input-shape or --data (one of them)")
     net = load_factory(model)
@@ -97,23 +103,32 @@ def export(
     torch.manual_seed(0)
     inputs = _inputs_from_data(data) if data else tuple(_tensor(s) for s in input_shape or [])
     dynamic = [_parse_axes(a) for a in axes] if axes else None
-    result = export_onnx(net, inputs, out, opset=opset, exporter=exporter, dynamic_axes=dynamic)
-    parity = None
-    if verify:
-        batches = [
-            inputs,
-            resize_inputs(inputs, 1, axes=dynamic),
-            resize_inputs(inputs, 5, axes=dynamic),
-        ]
-        parity = check_parity(
-            result.path,
-            net,
-            batches,
-            atol=atol,
-            rtol=rtol,
-            label=out.name,
-            input_names=result.input_names,
-        )
+    # written beside the target under a hidden name; it takes the target's name only once
+    # verified, so a failed export or parity check leaves nothing behind
+    staged = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        result = export_onnx(net, inputs, staged, opset=opset, exporter=exporter,
+                             dynamic_axes=dynamic)
+        parity = None
+        if verify:
+            batches = [
+                inputs,
+                resize_inputs(inputs, 1, axes=dynamic),
+                resize_inputs(inputs, 5, axes=dynamic),
+            ]
+            parity = check_parity(
+                result.path,
+                net,
+                batches,
+                atol=atol,
+                rtol=rtol,
+                label=out.name,
+                input_names=result.input_names,
+            )
+        os.replace(staged, out)
+        result.path = out
+    finally:
+        staged.unlink(missing_ok=True)
     payload: dict[str, Any] = {
         "export": result.to_dict(),
         "parity": parity.to_dict() if parity else None,

@@ -137,6 +137,8 @@ def _run(
         world=world,
     )
     tuned = tuner.run()
+    del tuner  # its DDP wrapper must go before the process group does
+    distributed.teardown(world, together=True)  # only rank 0 goes on to export
     plan = simplifier.final_plan()
     result = CompressResult(
         model=tuned.model,
@@ -242,6 +244,18 @@ def _seed(seed: int) -> None:
         pass
 
 
+def check_launch(cfg: CompressConfig, out: str | Path | None, *, force: bool = False) -> None:
+    """What a distributed run would refuse, checked once before its workers start."""
+    if out is not None:
+        OutputDir(out, force=force)
+    _device(cfg.device)
+    if cfg.sparse_update:
+        raise ConfigError(
+            "sparse_update cannot be combined with distributed training: "
+            "row gradients would bypass DDP's all-reduce"
+        )
+
+
 def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -249,6 +263,13 @@ def _device(name: str) -> torch.device:
         raise ConfigError(f"device {name!r} is not a valid torch device: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "meta":
+        raise ConfigError("device 'meta' holds no data: training needs a real device")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"device {name!r} cannot be used on this machine: {detail}") from None
     return device
 
 

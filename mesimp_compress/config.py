@@ -111,6 +111,12 @@ class CompressConfig:
         _int_min("recovery_epochs", self.recovery_epochs, 0)
         _range("lr", self.lr, 0.0, math.inf, low_open=True)
         _range("weight_decay", self.weight_decay, 0.0, math.inf, low_open=False)
+        if self.sparse_update and self.optimizer == "adamw" and self.weight_decay > 0:
+            raise ConfigError(
+                "sparse_update steps adam or sgd: adamw's decoupled weight decay would move "
+                "every row each step; use optimizer = 'adam' (L2 decay on the updated rows) "
+                "or weight_decay = 0"
+            )
         _int_min("min_width", self.min_width, 1)
         _int_min("round_to", self.round_to, 1)
         _range("distill", self.distill, 0.0, math.inf, low_open=False)
@@ -126,9 +132,7 @@ class CompressConfig:
         if self.bench_seq is not None:
             _int_min("bench_seq", self.bench_seq, 1, 1 << 20)
         if self.opset is not None:
-            import onnx
-
-            _int_min("opset", self.opset, MIN_OPSET, onnx.defs.onnx_opset_version())
+            check_opset(self.opset)
         if not self.batches or any(not _is_int(b) or b < 1 for b in self.batches):
             raise ConfigError(
                 f"batches must be a non-empty list of positive ints, got {self.batches!r}"
@@ -301,6 +305,13 @@ def _range(name: str, value: Any, low: float, high: float, *, low_open: bool) ->
 
 MIN_OPSET = 7
 """The oldest ONNX opset torch.onnx exports to (the newest is the installed onnx's)."""
+
+
+def check_opset(opset: Any) -> None:
+    """ConfigError unless ``opset`` is an ONNX opset torch.onnx can write here."""
+    import onnx
+
+    _int_min("opset", opset, MIN_OPSET, onnx.defs.onnx_opset_version())
 
 
 def _int_min(name: str, value: Any, low: int, high: int | None = None) -> None:

@@ -68,11 +68,17 @@ def setup(device: str) -> tuple[World, str]:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, owned), device
 
 
-def teardown(world: World) -> None:
-    """Leave the process group if :func:`setup` created it."""
+def teardown(world: World, *, together: bool = False) -> None:
+    """Leave the process group if :func:`setup` created it; a second call does nothing.
+
+    ``together`` (the normal end of training) waits for every rank first, so no rank tears
+    down while another still talks to it. A failing rank leaves at once, so the others'
+    pending collectives fail fast instead of waiting for a barrier they never reach."""
     import torch.distributed as dist
 
     if world.owned and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -106,6 +107,13 @@ def export_onnx(
     )
     if len(axes) != len(inputs):
         raise ConfigError(f"dynamic_axes has {len(axes)} entries for {len(inputs)} inputs")
+    for i, (x, a) in enumerate(zip(inputs, axes, strict=True)):
+        for d, name in a.items():
+            if not (isinstance(d, int) and 0 <= d < x.dim()):
+                raise ConfigError(
+                    f"dynamic axis {d!r} ({name}) of input {i} does not exist: the input has "
+                    f"{x.dim()} dims (shape {tuple(x.shape)})"
+                )
     # batch 1 (or sequence 1) examples let the exporter specialise the axis: export with >= 2
     sizes = {
         name: max(2, x.shape[d]) for x, a in zip(inputs, axes, strict=True) for d, name in a.items()
@@ -370,12 +378,15 @@ def _fails_alone(
 # ---------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def quiet() -> Iterator[io.StringIO]:
-    """Keep exporter chatter off the screen: stdout, stderr, warnings and logging go to a buffer."""
+    """Keep exporter chatter off the screen: stdout, stderr, warnings and logging go to a buffer,
+    and what native code writes to file descriptors 1 and 2 (the TorchScript exporter prints
+    its graph there when it fails) to a scratch file."""
     buffer = io.StringIO()
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
         with (
+            _native_output_discarded(),
             warnings.catch_warnings(),
             contextlib.redirect_stdout(buffer),
             contextlib.redirect_stderr(buffer),
@@ -384,6 +395,27 @@ def quiet() -> Iterator[io.StringIO]:
             yield buffer
     finally:
         logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _native_output_discarded() -> Iterator[None]:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved: list[tuple[int, int]] = []
+    with tempfile.TemporaryFile() as scratch:
+        try:
+            for fd in (1, 2):
+                try:
+                    saved.append((fd, os.dup(fd)))
+                except OSError:  # no such descriptor here
+                    continue
+                os.dup2(scratch.fileno(), fd)
+            yield
+        finally:
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

@@ -24,13 +24,14 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, DataError, ShapeError
 from .events import EventSink, emit
 from .inputs import BATCH, SEQ, resize_inputs
 from .verify import feed, make_session
@@ -306,7 +307,14 @@ def inputs_from_onnx(
     (a valid token id and mask value), bool inputs True."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own decode errors
+        detail = " ".join(str(exc).split())[:200]
+        raise DataError(f"{Path(path).name} is not an ONNX model: {detail}") from None
+    graph = model.graph
+    if not graph.node and not graph.input and not graph.output:
+        raise DataError(f"{Path(path).name} is not an ONNX model: it holds no graph")
     initializers = {i.name for i in graph.initializer}
     generator = torch.Generator().manual_seed(seed)
     inputs, axes, names = [], [], []
@@ -365,7 +373,14 @@ def signature_of(path: str | os.PathLike[str]) -> list[tuple[str, int, list[Any]
     """``(name, element type, dims)`` of each graph input (dims: int or symbolic name)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own decode errors
+        detail = " ".join(str(exc).split())[:200]
+        raise DataError(f"{Path(path).name} is not an ONNX model: {detail}") from None
+    graph = model.graph
+    if not graph.node and not graph.input and not graph.output:
+        raise DataError(f"{Path(path).name} is not an ONNX model: it holds no graph")
     initializers = {i.name for i in graph.initializer}
     return [
         (

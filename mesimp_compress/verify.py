@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from . import tasks
 from .batches import batch_size, split_batch, user_code
-from .errors import ExportError, ParityError, ShapeError
+from .errors import ExportError, MesimpError, ParityError, ShapeError
 from .inputs import on_device_of, resize_inputs
 
 ATOL = 1e-4
@@ -179,10 +179,19 @@ def check_parity(
     stats: dict[str, list[float]] = {}
     count = 0
     try:
-        for inputs in batches:
+        for i, inputs in enumerate(batches):
             inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-            expected = torch_outputs(model, on_device_of(model, inputs))
-            got = run_onnx(session, inputs, input_names)
+            with user_code("the model", f"parity batch {i + 1}"):
+                expected = torch_outputs(model, on_device_of(model, inputs))
+            try:
+                got = run_onnx(session, inputs, input_names)
+            except MesimpError:
+                raise
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise ExportError(
+                    f"onnxruntime failed on parity batch {i + 1}: {type(exc).__name__}: "
+                    f"{_line(exc)}"
+                ) from exc
             if len(got) != len(expected):
                 raise ParityError(
                     f"{label}: onnxruntime gives {len(got)} outputs, PyTorch {len(expected)}"
@@ -272,6 +281,8 @@ def evaluate_onnx(
         inputs, targets = split_batch(batch, where="eval data")
         try:
             flat = run_onnx(session, inputs, input_names)
+        except MesimpError:
+            raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportError(
                 f"onnxruntime failed on eval batch {i + 1}: {type(exc).__name__}: {_line(exc)}"

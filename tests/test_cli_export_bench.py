@@ -98,15 +98,23 @@ def test_export_loads_weights_and_prints_a_table(factory, tmp_path):
         (["--input-shape", "complex:2,8", "--out", "{tmp}/a.onnx"], "unknown dtype 'complex'"),
         (["--input-shape", "2,8", "--axes", "batch", "--out", "{tmp}/a.onnx"], "dim=name pairs"),
         (["--input-shape", "2,7", "--out", "{tmp}/a.onnx"], "failed on the example inputs"),
+        (["--input-shape", "2,8", "--axes", "5=x", "--out", "{tmp}/a.onnx"],
+         "dynamic axis 5 (x) of input 0 does not exist"),
+        (["--input-shape", "2,8", "--opset", "99", "--out", "{tmp}/a.onnx"],
+         "opset must be an integer <="),
+        (["--input-shape", "2,8", "--out", "{tmp}/file.txt/a.onnx"], "a parent of it is a file"),
     ],
 )
 def test_export_user_errors_are_one_line_and_exit_2(factory, tmp_path, args, message):
+    (tmp_path / "file.txt").write_text("a file")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    result = runner.invoke(app, ["export", f"{factory}:build", *args])
+    result = runner.invoke(app, ["export", f"{factory}:build", *args, "--json"])
     assert result.exit_code == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "a.onnx").exists()
+    assert result.stdout == ""  # --json: nothing but JSON on stdout, and none on failure
+    left = [p.name for p in tmp_path.iterdir() if "onnx" in p.name or "partial" in p.name]
+    assert left == []  # no file, no staging
 
 
 def test_export_refuses_to_overwrite_without_force(factory, tmp_path):
@@ -203,3 +211,11 @@ def test_bench_errors(onnx_pair, tmp_path):
     assert mismatch.exit_code == 2 and "takes inputs" in mismatch.stderr
     bad_batch = runner.invoke(app, ["bench", str(a), str(a), "--batch", "0"])
     assert bad_batch.exit_code == 2 and "positive ints" in bad_batch.stderr
+    (tmp_path / "garbage.onnx").write_bytes(b"\x08\xff\xff not protobuf")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for name in ("garbage.onnx", "empty.onnx"):
+        bad = runner.invoke(app, ["bench", str(a), str(tmp_path / name)])
+        assert bad.exit_code == 2 and f"{name} is not an ONNX model" in bad.stderr, bad.output
+        assert len(bad.stderr.strip().splitlines()) == 1
+    folder = runner.invoke(app, ["bench", str(a), str(tmp_path)])
+    assert folder.exit_code == 2 and "is a folder" in folder.stderr

@@ -33,6 +33,8 @@ def test_toml_keys_with_hyphens_and_a_compress_table(tmp_path):
         ("batches = [0, 8]\n", "batches"),
         ("compensate = 'yes'\n", "compensate must be one of off, mean, linear"),
         ("opset = 3\n", "opset must be an integer >= 7"),
+        ("sparse_update = true\noptimizer = 'adamw'\nweight_decay = 0.01\n",
+         "adamw's decoupled weight decay"),
         ("opset = -1\n", "opset must be an integer >= 7"),
         ("opset = 99\n", "opset must be an integer <= "),
     ],
