@@ -116,8 +116,17 @@ def _run(
     # first batch on every pass, so inputs and targets must come from the same one)
     example_inputs, example_targets = first_batch(train, where="train data")
     first_batch(eval_data, where="eval data")
-    original = copy.deepcopy(model).to(device).eval()
-    working = copy.deepcopy(model).to(device)
+    try:
+        original, working = copy.deepcopy(model), copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - e.g. hooks holding non-leaf tensors
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(
+            f"the model cannot be copied ({type(exc).__name__}: {detail}); the run works on "
+            "copies and leaves yours unchanged (old-style torch.nn.utils.weight_norm: use "
+            "torch.nn.utils.parametrizations.weight_norm)"
+        ) from None
+    original = original.to(device).eval()
+    working = working.to(device)
     _check_forward(original, example_inputs, example_targets, loss, metric)
 
     simplifier = Simplifier.build(working, to_device(example_inputs, device), cfg)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import ConfigError, DataError, ShapeError
 from .events import EventSink, emit
@@ -230,6 +231,8 @@ def dense_twin(model: nn.Module) -> nn.Module:
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
         for name, child in list(module.named_children()):
+            if parametrize.is_parametrized(child):  # its weight is computed: leave it as it is
+                continue
             fresh = _fresh(child)
             if fresh is not None:
                 state = child.state_dict()

@@ -192,6 +192,7 @@ def _prove(
         layers=layer_rows(before, after, sizes),
         plan=plan,
         widths={key: len(kept) for key, kept in tuned.kept.items()},
+        params=(_unique_params(before), _unique_params(after)),
         metrics=metrics,
         parity=parity,
         latency=latency,
@@ -241,3 +242,8 @@ def _plots(
         )
     except ConfigError as exc:  # matplotlib missing: the run is still complete
         emit(sink, "note", message=str(exc))
+
+
+def _unique_params(model: nn.Module) -> int:
+    """Parameter count with a shared (tied) parameter counted once, as the file holds it."""
+    return sum(p.numel() for p in model.parameters())

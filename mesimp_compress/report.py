@@ -60,6 +60,7 @@ def build_report(
     layers: Sequence[Mapping[str, Any]] = (),
     plan: Any = None,
     widths: Mapping[str, int] | None = None,
+    params: tuple[int, int] | None = None,
     metrics: Mapping[str, Any] | None = None,
     parity: Mapping[str, Any] | None = None,
     latency: Any = None,
@@ -72,10 +73,14 @@ def build_report(
 ) -> dict[str, Any]:
     """The report as a plain dict (see the module docstring for the schema). ``parity`` maps
     a model label ("original", "compressed", "int8") to its ParityResult (or its dict);
-    ``latency`` is a LatencyResult or its dict; ``export`` maps labels to ExportResults."""
+    ``latency`` is a LatencyResult or its dict; ``export`` maps labels to ExportResults.
+    ``params`` gives the totals (before, after) of the two models' unique parameters; else
+    they are the sum of the layer rows (which count a shared parameter in each owner)."""
     rows = [dict(r) for r in layers]
     before = sum(r.get("params_before") or 0 for r in rows)
     after = sum(r.get("params_after") or 0 for r in rows)
+    if params is not None:
+        before, after = params
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,

@@ -20,7 +20,8 @@ to the PyTorch modules they came from in four passes:
    or the TorchScript exporter's node names (``/encoder/layer.0/.../MatMul``): the
    ``W``/``R``/``B`` tensors of an ONNX LSTM, a Conv weight (and bias) with BatchNorm folded in.
 
-A module's count in ONNX must then equal its count in PyTorch (``"match"``), or be 0 when its
+A module's count in ONNX must then equal its count in PyTorch (``"match"``; an all-zero
+parameter the exporter dropped, such as a zero bias, counts as held: ``dropped``), or be 0 when its
 parameters were folded into a neighbour or are unused (``"folded"``). A module may also hold
 more than its parameters when a neighbour was folded into it: every parameter is held at its
 own size, and the rest are tensors without a PyTorch counterpart, found by the fold pass or
@@ -63,6 +64,9 @@ class LayerSize:
     # elements of onnx_params beyond the module's own parameters: tensors created by folding a
     # neighbour (reported "folded") into it, e.g. the bias BatchNorm gives a bias-free Conv
     folded_in: int = 0
+    # elements of all-zero parameters the file does not hold (the exporter drops a Gemm's or
+    # Conv's all-zero bias, as freshly built Hugging Face models have)
+    dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -146,6 +150,13 @@ def onnx_layer_sizes(
         shapes = per_module.get(module_name, {})
         in_onnx = sum(int(np.prod(s)) for s in shapes.values())
         status = MATCH if in_onnx == count else FOLDED if in_onnx == 0 else MISMATCH
+        dropped = 0
+        if status == MISMATCH:
+            dropped = sum(p.numel() for n, p in own.items() if n not in found and _zero(p))
+            if dropped and in_onnx + dropped == count:
+                status = MATCH
+            else:
+                dropped = 0
         if status == MISMATCH:
             extra = _surplus(own, found, shapes, held.get(module_name, set()), products)
             if extra is not None:
@@ -160,6 +171,7 @@ def onnx_layer_sizes(
                 shapes={n.rsplit(".", 1)[-1]: list(p.shape) for n, p in own.items()},
                 onnx_shapes=shapes,
                 folded_in=sum(surplus.get(module_name, (0, 0))),
+                dropped=dropped,
             )
         )
     # a surplus found only by scope must fit in what the folded modules had
@@ -216,8 +228,8 @@ def check_shrunk(
             )
         # the module's own elements: a bias created by folding may be in one file only (the
         # exporter drops an all-zero one, as folding an untrained BatchNorm gives)
-        own_before = (s.onnx_params_before or 0) - before[s.name].folded_in
-        if s.onnx_params_before and s.onnx_params - s.folded_in >= own_before:
+        own_before = (s.onnx_params_before or 0) - before[s.name].folded_in + before[s.name].dropped
+        if s.onnx_params_before and s.onnx_params - s.folded_in + s.dropped >= own_before:
             raise SizeError(
                 f"module '{s.name}' ({s.kind}) did not shrink in ONNX: {s.onnx_params:,} elements "
                 f"vs {s.onnx_params_before:,} in the original file"
@@ -233,6 +245,10 @@ def check_shrunk(
 
 
 # ---------------------------------------------------------------------- helpers
+def _zero(param: Any) -> bool:
+    return param.numel() > 0 and not bool(param.detach().any())
+
+
 def _own_params(module_name: str, module: nn.Module) -> list[tuple[str, Any]]:
     prefix = f"{module_name}." if module_name else ""
     return [(prefix + n, p) for n, p in module.named_parameters(recurse=False)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import _tiny
 import pytest
@@ -207,3 +208,12 @@ def test_widths_name_every_prunable_layer_even_one_left_whole(data) -> None:
     assert result.widths["2"] == 24 and "2" not in result.plan.kept  # nothing cut: kept whole
     assert 24 <= result.widths["0"] < 32
     assert result.model[2].out_features == 24 and result.model[0].out_features == result.widths["0"]
+
+
+def test_a_model_that_cannot_be_copied_is_a_config_error_naming_the_cure(data) -> None:
+    model = _tiny.mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated, which is the point
+        torch.nn.utils.weight_norm(model[0])  # old style: a hook holding a non-leaf weight
+    with pytest.raises(mc.ConfigError, match="parametrizations.weight_norm"):
+        mc.compress(model, *data, config=CFG)

@@ -73,3 +73,12 @@ def test_literal_head_sizes_leave_the_projection_alone(split):
     structure = find_groups(Heads(split).eval(), torch.randn(2, 6))
     assert set(structure.groups) == set()
     assert "fails once 'a' loses units" in structure.reason("a")
+
+
+def test_a_parametrized_consumer_leaves_its_producer_alone_with_the_reason():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    structure = find_groups(model, torch.randn(4, 6))
+    assert "0" not in structure.groups and "4" in structure.groups
+    assert "module '2' cannot be edited: its weights are parametrized" in structure.reason("0")

@@ -193,3 +193,14 @@ def test_dense_twin_of_a_bidirectional_lstm_tagger():
     ids = torch.randint(0, 50, (3, 6))
     with torch.no_grad():
         assert torch.equal(twin(ids), model(ids))
+
+
+def test_dense_twin_leaves_a_parametrized_layer_as_it_is():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    twin = dense_twin(model)
+    assert torch.nn.utils.parametrize.is_parametrized(twin[0]) and type(twin[2]) is nn.Linear
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))

@@ -157,3 +157,16 @@ def test_write_report_is_atomic_and_strict_json(tmp_path):
     write_report({**report, "status": "failed"}, target)
     assert read_report(target)["status"] == "failed"
     assert back["params"] == {"before": 0, "after": 0, "ratio": None}
+
+
+def test_params_totals_count_a_tied_parameter_once():
+    from mesimp_compress.pipeline import _unique_params
+
+    emb = nn.Embedding(20, 8)
+    head = nn.Linear(8, 20, bias=False)
+    head.weight = emb.weight  # tied, as a language model's head
+    model = nn.Sequential(emb, nn.Linear(8, 8), head)
+    rows = layer_rows(model, model)
+    assert sum(r["params_after"] for r in rows) == 160 + 72 + 160  # each owner's row
+    report = build_report(layers=rows, params=(_unique_params(model), _unique_params(model)))
+    assert report["params"] == {"before": 232, "after": 232, "ratio": 1.0}

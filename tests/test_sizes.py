@@ -238,3 +238,23 @@ def test_a_layer_shrinks_in_onnx_by_its_own_elements_not_the_bias_folding_added(
     assert (lin.onnx_params_before, lin.onnx_params, lin.folded_in) == (4, 6, 3)
     assert (lin.params_before, lin.params, lin.status) == (4, 3, MATCH)
     assert (sizes["1"].onnx_params_before, sizes["1"].status) == (0, FOLDED)
+
+
+def test_an_all_zero_bias_the_exporter_dropped_counts_as_held(tmp_path):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    with torch.no_grad():
+        model[2].bias.zero_()  # as Hugging Face initialises every bias
+    path = export_onnx(model, (torch.randn(4, 6),), tmp_path / "m.onnx").path
+    head = _by_name(onnx_layer_sizes(path, model))["2"]
+    assert (head.params, head.onnx_params, head.dropped, head.status) == (39, 36, 3, MATCH)
+    small = nn.Sequential(nn.Linear(6, 11), nn.ReLU(), nn.Linear(11, 3)).eval()
+    with torch.no_grad():
+        small[2].bias.fill_(0.5)  # trained: the file holds it now
+    small_path = export_onnx(small, (torch.randn(4, 6),), tmp_path / "s.onnx").path
+    sizes = _by_name(check_shrunk(small_path, small, original_onnx=path, original_model=model))
+    assert (sizes["2"].onnx_params, sizes["2"].onnx_params_before) == (36, 36)  # 33 + 3 vs 36
+    with torch.no_grad():
+        model[2].bias[0] = 1.0  # not all zero: a file without it is a real mismatch
+    with pytest.raises(SizeError, match="'2' \\(Linear\\) 39 in PyTorch vs 36"):
+        onnx_layer_sizes(path, model)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..errors import MesimpError
 from .structure import Skipped, Structure
 
 
@@ -60,11 +61,13 @@ def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
         masked, shrunk = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
     except Exception:  # noqa: BLE001 - a model that cannot be copied is not checked here
         return None
-    zero_removed(masked, plan)
     named = ", ".join(f"'{k}'" for k in kept)
     try:
+        zero_removed(masked, plan)  # refuses a member it cannot edit (a parametrized weight)
         apply_plan(shrunk, plan)
         expected, got = _run(masked, example_inputs), _run(shrunk, example_inputs)
+    except MesimpError as exc:  # surgery refused a member
+        return f"{named} cannot shrink: {exc}"
     except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
         text = " ".join(str(exc).split())[:160]
         return f"the model fails once {named} loses units ({type(exc).__name__}: {text})"
