@@ -188,7 +188,7 @@ def compress(
         check_launch(cfg, out, force=force)
         argv = _without_nproc(sys.argv[1:])
         code = subprocess.call(launch_command(nproc, argv))
-        raise typer.Exit(0 if code == 0 else 2)  # the workers printed the error
+        raise typer.Exit(code if code in (0, 130) else 2)  # the workers printed the error
 
     net = load_factory(model)
     if weights is not None:
