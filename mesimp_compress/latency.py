@@ -308,16 +308,7 @@ def inputs_from_onnx(
     A symbolic dim is the batch at position 0 (or when named like one) and the sequence at
     position 1 (or when named ``seq...``); float inputs are random normal, integer inputs 1
     (a valid token id and mask value), bool inputs True."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises its own decode errors
-        detail = " ".join(str(exc).split())[:200]
-        raise DataError(f"{Path(path).name} is not an ONNX model: {detail}") from None
-    graph = model.graph
-    if not graph.node and not graph.input and not graph.output:
-        raise DataError(f"{Path(path).name} is not an ONNX model: it holds no graph")
+    graph = _graph_of(path)
     initializers = {i.name for i in graph.initializer}
     generator = torch.Generator().manual_seed(seed)
     inputs, axes, names = [], [], []
@@ -372,8 +363,8 @@ _TORCH_OF_ONNX = {
 }
 
 
-def signature_of(path: str | os.PathLike[str]) -> list[tuple[str, int, list[Any]]]:
-    """``(name, element type, dims)`` of each graph input (dims: int or symbolic name)."""
+def _graph_of(path: str | os.PathLike[str]) -> Any:
+    """The graph of an ONNX file (without external data); DataError if it is not one."""
     import onnx
 
     try:
@@ -384,6 +375,12 @@ def signature_of(path: str | os.PathLike[str]) -> list[tuple[str, int, list[Any]
     graph = model.graph
     if not graph.node and not graph.input and not graph.output:
         raise DataError(f"{Path(path).name} is not an ONNX model: it holds no graph")
+    return graph
+
+
+def signature_of(path: str | os.PathLike[str]) -> list[tuple[str, int, list[Any]]]:
+    """``(name, element type, dims)`` of each graph input (dims: int or symbolic name)."""
+    graph = _graph_of(path)
     initializers = {i.name for i in graph.initializer}
     return [
         (

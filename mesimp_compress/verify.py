@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from . import tasks
 from .batches import batch_size, split_batch, user_code
-from .errors import ExportError, MesimpError, ParityError, ShapeError
+from .errors import ExportError, ParityError, ShapeError
 from .inputs import on_device_of, resize_inputs
 
 ATOL = 1e-4
@@ -103,10 +103,18 @@ def feed(
 
 
 def run_onnx(
-    session: Any, inputs: Sequence[Any], input_names: Sequence[str] | None = None
+    session: Any, inputs: Sequence[Any], input_names: Sequence[str] | None = None,
+    *, where: str = "the inputs",
 ) -> list[np.ndarray]:
-    """The session's outputs for ``inputs``, in the model's output order."""
-    return list(session.run(None, feed(session, inputs, input_names)))
+    """The session's outputs for ``inputs``, in the model's output order; ExportError naming
+    ``where`` when onnxruntime fails on them."""
+    feeds = feed(session, inputs, input_names)
+    try:
+        return list(session.run(None, feeds))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportError(
+            f"onnxruntime failed on {where}: {type(exc).__name__}: {_line(exc)}"
+        ) from exc
 
 
 def shaped_like(outputs: Sequence[torch.Tensor], like: Any) -> Any:
@@ -183,15 +191,7 @@ def check_parity(
             inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
             with user_code("the model", f"parity batch {i + 1}"):
                 expected = torch_outputs(model, on_device_of(model, inputs))
-            try:
-                got = run_onnx(session, inputs, input_names)
-            except MesimpError:
-                raise
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise ExportError(
-                    f"onnxruntime failed on parity batch {i + 1}: {type(exc).__name__}: "
-                    f"{_line(exc)}"
-                ) from exc
+            got = run_onnx(session, inputs, input_names, where=f"parity batch {i + 1}")
             if len(got) != len(expected):
                 raise ParityError(
                     f"{label}: onnxruntime gives {len(got)} outputs, PyTorch {len(expected)}"
@@ -279,14 +279,7 @@ def evaluate_onnx(
     total = count = 0.0
     for i, batch in enumerate(data):
         inputs, targets = split_batch(batch, where="eval data")
-        try:
-            flat = run_onnx(session, inputs, input_names)
-        except MesimpError:
-            raise
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ExportError(
-                f"onnxruntime failed on eval batch {i + 1}: {type(exc).__name__}: {_line(exc)}"
-            ) from exc
+        flat = run_onnx(session, inputs, input_names, where=f"eval batch {i + 1}")
         outs = [torch.from_numpy(np.asarray(o)) for o in flat]
         if like is not None:
             outputs = shaped_like(outs, like)
