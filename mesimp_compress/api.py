@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torch import nn
 
 from . import distributed
 from .batches import first_batch, to_device
-from .config import CompressConfig
+from .config import CompressConfig, read_toml
 from .errors import CheckpointError, ConfigError, DataError, ParityError, ShapeError
 from .events import EventSink, emit
 from .outputs import OutputDir
@@ -51,7 +52,7 @@ def compress(
     train: Iterable[Any],
     eval: Iterable[Any],  # noqa: A002 - the issue's name
     *,
-    config: CompressConfig | None = None,
+    config: CompressConfig | Mapping[str, Any] | str | Path | None = None,
     loss: Any = None,
     metric: Any = None,
     out: str | Path | None = None,
@@ -62,12 +63,15 @@ def compress(
     checkpoint_dir: str | Path | None = None,
 ) -> CompressResult:
     """Fine-tune ``model`` under meProp, remove rarely active units, and (with ``out``)
-    export, verify and report. The caller's model is not modified.
+    export, verify and report. The caller's model is not modified. ``config`` is a
+    CompressConfig, a mapping of its keys, or the path of a recipe TOML.
 
     With ``out`` (or ``checkpoint_dir``) a checkpoint is written after every window, beside
     ``out`` by default; ``resume=True`` continues from it (same config required) and reaches
     the plan and metrics of an uninterrupted run. The checkpoint is removed on success."""
-    cfg = config or CompressConfig()
+    cfg = _config(config)
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise ConfigError(f"out must be a folder path, got {type(out).__name__}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     output = OutputDir(out, force=force) if out is not None else None  # refuse early
@@ -251,6 +255,22 @@ def _seed(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:  # pragma: no cover
         pass
+
+
+def _config(config: Any) -> CompressConfig:
+    """A CompressConfig from one, from a mapping of its keys, or from a recipe TOML path."""
+    if config is None:
+        return CompressConfig()
+    if isinstance(config, CompressConfig):
+        return config
+    if isinstance(config, Mapping):
+        return CompressConfig.from_dict(dict(config))
+    if isinstance(config, (str, os.PathLike)):
+        return CompressConfig.from_dict(read_toml(config), source=str(config))
+    raise ConfigError(
+        "config must be a CompressConfig, a mapping of its keys or a recipe TOML path; got "
+        f"{type(config).__name__}"
+    )
 
 
 def check_launch(cfg: CompressConfig, out: str | Path | None, *, force: bool = False) -> None:

@@ -217,3 +217,22 @@ def test_a_model_that_cannot_be_copied_is_a_config_error_naming_the_cure(data) -
         torch.nn.utils.weight_norm(model[0])  # old style: a hook holding a non-leaf weight
     with pytest.raises(mc.ConfigError, match="parametrizations.weight_norm"):
         mc.compress(model, *data, config=CFG)
+
+
+def test_config_may_be_a_mapping_or_a_recipe_path_and_anything_else_is_refused(
+        tmp_path, data) -> None:
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[compress]\nk = 8\nwindow = 0.25\nepochs = 1\nrecovery-epochs = 0\n"
+                      "lr = 1e-2\nthreads = 1\nseed = 3\n")
+    from_cfg = mc.compress(_tiny.mlp(), *data, config=CFG.replace(quantize=True))
+    from_dict = mc.compress(_tiny.mlp(), *data, config={"k": 8, "window": 0.25, "epochs": 1,
+                                                        "recovery_epochs": 0, "lr": 1e-2,
+                                                        "threads": 1, "seed": 3})
+    from_toml = mc.compress(_tiny.mlp(), *data, config=str(recipe))
+    assert from_dict.plan.kept == from_cfg.plan.kept == from_toml.plan.kept
+    for bad, message in ((5, "config must be a CompressConfig"), ({"kk": 1}, "unknown key 'kk'"),
+                         (tmp_path / "none.toml", "config file not found")):
+        with pytest.raises(mc.ConfigError, match=message):
+            mc.compress(_tiny.mlp(), *data, config=bad)
+    with pytest.raises(mc.ConfigError, match="out must be a folder path"):
+        mc.compress(_tiny.mlp(), *data, config=CFG, out=7)
