@@ -16,7 +16,7 @@ from torch import nn
 from . import distributed
 from .batches import first_batch, to_device
 from .config import CompressConfig, read_toml
-from .errors import CheckpointError, ConfigError, DataError, ParityError, ShapeError
+from .errors import CheckpointError, ConfigError, DataError, ShapeError
 from .events import EventSink, emit
 from .outputs import OutputDir
 from .simplify import Simplifier
@@ -181,8 +181,10 @@ def _run(
                 sink=sink,
                 factory=factory,
             )
-        except ParityError:
-            if checkpointer is not None:  # the folder is published (marked failed): done
+        except BaseException:
+            # a published folder (a parity failure is published, marked failed; a sink may
+            # raise on 'written') ends the run: its checkpoint goes
+            if checkpointer is not None and output.published:
                 checkpointer.clear()
             raise
         result.out = output.path
@@ -193,7 +195,8 @@ def _run(
 
 def load(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
     """Rebuild a compressed model: apply ``plan.json`` to a freshly built model, then load
-    ``weights.pt``."""
+    ``weights.pt``; returns that model, rebuilt in place. After a PlanError or
+    CheckpointError the model may be left partly rebuilt: build a fresh one to try again."""
     from .surgery import load_compressed
 
     d = Path(directory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ def null_sink(event: Event) -> None:
 
 
 def emit(sink: EventSink | None, kind: str, **data: Any) -> None:
-    """Send one event to ``sink`` if there is one."""
+    """Send one event to ``sink`` if there is one. The sink gets its own copy of the data
+    (plain values), so what it does with them cannot reach the run's history or report."""
     if sink is not None:
-        sink(Event(kind, data))
+        sink(Event(kind, copy.deepcopy(data)))

@@ -43,6 +43,7 @@ class OutputDir:
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"cannot write the output into {parent}: not a writable folder")
         self._staging: Path | None = None
+        self.published = False  # set by commit()
 
     @property
     def staging(self) -> Path:
@@ -93,6 +94,7 @@ class OutputDir:
             os.replace(self.path, old)
         os.replace(staging, self.path)
         self._staging = None
+        self.published = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.path

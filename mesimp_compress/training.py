@@ -355,8 +355,11 @@ class FineTuner:
         if not kept:
             self.simp.reset_means()
             return {}
-        if self.cfg.max_drop is not None and self._guard is None:
-            self._guard = {"snapshot": self._snapshot(), "keys": sorted(kept), "age": 0}
+        if self.cfg.max_drop is not None:
+            if self._guard is None:
+                self._guard = {"snapshot": self._snapshot(), "keys": sorted(kept), "age": 0}
+            else:  # a rollback to the pending snapshot undoes this prune too: it names it
+                self._guard["keys"] = sorted(set(self._guard["keys"]) | set(kept))
         before = self.simp.widths()
         if self.net is not self.model:  # DDP holds the old gradient accumulators: let them go
             self.net = self.model

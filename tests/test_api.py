@@ -236,3 +236,20 @@ def test_config_may_be_a_mapping_or_a_recipe_path_and_anything_else_is_refused(
             mc.compress(_tiny.mlp(), *data, config=bad)
     with pytest.raises(mc.ConfigError, match="out must be a folder path"):
         mc.compress(_tiny.mlp(), *data, config=CFG, out=7)
+
+
+def test_a_sink_that_edits_or_raises_on_events_cannot_spoil_the_run(tmp_path, data) -> None:
+    def vandal(event) -> None:
+        for value in event.data.values():
+            if isinstance(value, dict):
+                value.clear()
+        if event.kind == "written":
+            raise RuntimeError("sink failed after publishing")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="sink failed"):
+        mc.compress(_tiny.mlp(), *data, config=CFG, out=out, sink=vandal)
+    assert (out / "report.json").is_file()  # published before the sink raised
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # checkpoint removed
+    report = json.loads((out / "report.json").read_text())
+    assert all(record["widths"] for record in report["extra"]["history"])

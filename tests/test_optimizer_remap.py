@@ -106,3 +106,24 @@ def test_state_follows_the_kept_entries() -> None:
     assert torch.equal(optimizer.state[w0]["momentum_buffer"], before[id(w0)][[1, 4]])
     assert torch.equal(optimizer.state[w2]["momentum_buffer"], before[id(w2)][:, [1, 4]])
     assert optimizer.param_groups[0]["params"][0] is w0
+
+
+def test_pending_row_gradients_refuse_surgery_and_leave_the_model_as_it_was():
+    from mesimp_compress.meprop import apply_meprop
+    from mesimp_compress.optim import RowSparseAdam
+    from mesimp_compress.surgery import apply_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    x = torch.randn(8, 20)
+    plan = make_plan(find_groups(model, x), {"0": list(range(2, 32))})
+    apply_meprop(model, 6)
+    opt = RowSparseAdam(model.parameters())
+    F.cross_entropy(model(x), torch.randint(0, 5, (8,))).backward()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match="row gradients .* call optimizer.step"):
+        apply_plan(model, plan, optimizer=opt)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    opt.step()  # the rows land where they belong, then surgery may go on
+    apply_plan(model, plan, optimizer=opt)
+    assert model[0].out_features == 30

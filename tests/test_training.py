@@ -142,3 +142,35 @@ def test_a_short_last_window_joins_the_one_before(data) -> None:
     ft = tuner(_tiny.mlp(), data, k=6, prune_rate=0.5, window=6 / 8, lr=1e-2)
     assert ft.window_batches == 6
     assert [r.step for r in ft.run().history][:2] == [8, 16]
+
+
+def test_a_rollback_names_and_freezes_every_prune_it_undoes() -> None:
+    """'2' is pruned first (its guard pending for 3 windows), then '4' in a later window;
+    the metric falls only after that, and the rollback to the snapshot taken before '2'
+    undoes both prunes: it must name and freeze both."""
+    import mesimp_compress as mc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 64), nn.ReLU(),
+                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5))
+    seen: dict[str, bool] = {}
+
+    def sink(event: Event) -> None:
+        if event.kind == "prune" and "4" in event.data["pruned"] and event.data["window"] >= 5:
+            seen["bad"] = True
+
+    def metric(outputs, targets):
+        return 0.0 if seen.get("bad") else 1.0
+
+    g = torch.Generator().manual_seed(1)
+    train = [(torch.randn(16, 20, generator=g), torch.randint(0, 5, (16,), generator=g))
+             for _ in range(16)]
+    cfg = CompressConfig(k=6, window=0.125, epochs=1, cycles=1, recovery_epochs=0,
+                         max_drop=0.0, recovery_windows=3, threads=1, seed=0)
+    result = mc.compress(model, train, train[:2], config=cfg, metric=metric, sink=sink)
+    pruned = {r.window: set(r.pruned) for r in result.history}
+    (rollback,) = result.rollbacks
+    assert pruned[3] == {"2"} and "4" in pruned[rollback.window]  # two prunes, one guard
+    assert set(rollback.keys) == {"2", "4"}
+    later = [r for r in result.history if r.window > rollback.window]
+    assert later and not any(set(r.pruned) & {"2", "4"} for r in later)  # both frozen

@@ -19,7 +19,14 @@ from ..errors import ConfigError
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
     """Raise ConfigError if the state of any of ``params`` cannot be remapped."""
+    row_grad = getattr(optimizer, "row_grad", None)  # a row-sparse optimizer's pending rows
     for param in params:
+        if row_grad is not None and row_grad(param) is not None:
+            raise ConfigError(
+                f"{type(optimizer).__name__} holds row gradients of a parameter of shape "
+                f"{tuple(param.shape)} that surgery would re-index: call optimizer.step() or "
+                "optimizer.zero_grad() before apply_plan"
+            )
         state = optimizer.state.get(param)
         if not state:
             continue
