@@ -83,10 +83,7 @@ def compress(
             cfg = cfg.replace(device=device_name)
         if world.distributed:
             if cfg.sparse_update:
-                raise ConfigError(
-                    "sparse_update cannot be combined with distributed training: "
-                    "row gradients would bypass DDP's all-reduce"
-                )
+                raise ConfigError(SPARSE_UNDER_DDP)
             train = distributed.Shard(train, world.rank, world.size)
         if not world.is_main:  # only rank 0 writes files
             output = checkpointer = None
@@ -260,6 +257,12 @@ def _seed(seed: int) -> None:
         pass
 
 
+SPARSE_UNDER_DDP = (
+    "sparse_update cannot be combined with distributed training: row gradients would bypass "
+    "DDP's all-reduce"
+)
+
+
 def _config(config: Any) -> CompressConfig:
     """A CompressConfig from one, from a mapping of its keys, or from a recipe TOML path."""
     if config is None:
@@ -282,10 +285,7 @@ def check_launch(cfg: CompressConfig, out: str | Path | None, *, force: bool = F
         OutputDir(out, force=force)
     _device(cfg.device)
     if cfg.sparse_update:
-        raise ConfigError(
-            "sparse_update cannot be combined with distributed training: "
-            "row gradients would bypass DDP's all-reduce"
-        )
+        raise ConfigError(SPARSE_UNDER_DDP)
 
 
 def _device(name: str) -> torch.device:
