@@ -85,18 +85,20 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
     was_training = model.training
     model.eval()
     total = count = 0.0
-    for i, batch in enumerate(data):
-        inputs, targets = split_batch(batch, where="eval data")
-        inputs, targets = to_device(inputs, device), to_device(targets, device)
-        where = f"eval batch {i + 1}"
-        with user_code("the model", where):
-            outputs = model(*inputs)
-        with user_code("the metric", where):
-            value = metric(outputs, targets)
-        s, c = tasks.metric_value(value, batch_size(inputs))
-        total += s
-        count += c
-    model.train(was_training)
+    try:
+        for i, batch in enumerate(data):
+            inputs, targets = split_batch(batch, where="eval data")
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            where = f"eval batch {i + 1}"
+            with user_code("the model", where):
+                outputs = model(*inputs)
+            with user_code("the metric", where):
+                value = metric(outputs, targets)
+            s, c = tasks.metric_value(value, batch_size(inputs))
+            total += s
+            count += c
+    finally:
+        model.train(was_training)
     return total / count if count else float("nan")
 
 

@@ -294,27 +294,12 @@ def evaluate_onnx(
 
 
 def evaluate_torch(model: nn.Module, data: Iterable[Any], metric: Any = None) -> float:
-    """The task metric (accuracy by default) of the PyTorch model over all of ``data``."""
-    metric = metric or tasks.accuracy
-    was_training = model.training
-    model.eval()
-    total = count = 0.0
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(data):
-                inputs, targets = split_batch(batch, where="eval data")
-                with user_code("the model", f"eval batch {i + 1}"):
-                    outputs = model(*on_device_of(model, inputs))
-                if isinstance(targets, torch.Tensor):
-                    targets = targets.to(next((p.device for p in model.parameters()), "cpu"))
-                with user_code("the metric", f"eval batch {i + 1}"):
-                    value = metric(outputs, targets)
-                s, c = tasks.metric_value(value, batch_size(inputs))
-                total += s
-                count += c
-    finally:
-        model.train(was_training)
-    return total / count if count else float("nan")
+    """The task metric (accuracy by default) of the PyTorch model over all of ``data``, on
+    the device its parameters are on."""
+    from .training import evaluate
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return evaluate(model, data, metric or tasks.accuracy, device)
 
 
 def _line(exc: BaseException, limit: int = 240) -> str:

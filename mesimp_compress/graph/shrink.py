@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import MesimpError
 from .structure import Skipped, Structure
+from .trace import call_model
 
 
 def followed(model: nn.Module, example_inputs: Any, structure: Structure) -> Structure:
@@ -78,12 +79,7 @@ def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
 def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if isinstance(example_inputs, dict):
-            out = model(**example_inputs)
-        elif isinstance(example_inputs, (tuple, list)):
-            out = model(*example_inputs)
-        else:
-            out = model(example_inputs)
+        out = call_model(model, example_inputs)
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
