@@ -329,3 +329,22 @@ def test_couplings_that_cannot_be_rebuilt_are_refused() -> None:
     assert "not its in_features" in structure.reason("batch")
     assert "not its in_features" in structure.reason("padded")
     assert set(structure.groups) == {"mixer", "reader"}
+
+
+def test_hugging_face_conv1d_is_reported_by_name() -> None:
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+
+    class GPT2Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc = pytorch_utils.Conv1D(12, 4)  # (out, in): a transposed Linear
+            self.c_proj = pytorch_utils.Conv1D(4, 12)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.c_proj(torch.relu(self.c_fc(x))))
+
+    structure = find_groups(GPT2Mlp(), torch.randn(3, 4))
+    assert structure.reason("c_fc") == "layer kind Conv1D is not supported"
+    assert structure.reason("c_proj") == "layer kind Conv1D is not supported"
+    assert structure.groups == {}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import PRODUCER_KINDS, UNSUPPORTED_KINDS
+from .modules import PRODUCER_KINDS, unsupported
 from .shrink import followed
 from .structure import ROLE_OUT, Group, Member, Skipped, Structure, hidden_role
 from .trace import GroupInfo, MemberRecord, Tracer
@@ -242,7 +242,7 @@ class _Assembler:
                 else:
                     reason = "not called as a module in the forward pass"
                 entries.append(Skipped(name, reason))
-            elif isinstance(module, UNSUPPORTED_KINDS):
+            elif unsupported(module):
                 entries.append(
                     Skipped(name, f"layer kind {type(module).__name__} is not supported")
                 )

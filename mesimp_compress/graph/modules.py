@@ -163,6 +163,20 @@ _RULES: list[tuple[type[nn.Module], ModuleRule]] = [
 PRODUCER_KINDS = (nn.Linear, nn.Conv2d, nn.LSTM)
 # Layers with units of their own that this toolkit does not prune (reported, not traced into).
 UNSUPPORTED_KINDS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.GRU, nn.RNN)
+# The same, for classes of optional libraries, matched by (module prefix, class name) so that
+# the library is never imported here: Hugging Face's Conv1D (GPT-2's MLP) is a transposed Linear.
+UNSUPPORTED_NAMED = (("transformers.", "Conv1D"),)
+
+
+def unsupported(module: nn.Module) -> bool:
+    """Whether ``module`` has units of its own that this toolkit does not prune."""
+    if isinstance(module, UNSUPPORTED_KINDS):
+        return True
+    kind = type(module)
+    return any(
+        kind.__module__.startswith(prefix) and kind.__name__ == name
+        for prefix, name in UNSUPPORTED_NAMED
+    )
 
 
 def rule_for(module: nn.Module) -> ModuleRule | None:
