@@ -82,3 +82,70 @@ def test_a_parametrized_consumer_leaves_its_producer_alone_with_the_reason():
     structure = find_groups(model, torch.randn(4, 6))
     assert "0" not in structure.groups and "4" in structure.groups
     assert "module '2' cannot be edited: its weights are parametrized" in structure.reason("0")
+
+
+class Mixed(nn.Module):
+    """Two branches whose units are interleaved by position after they are joined."""
+
+    def __init__(self, join: str) -> None:
+        super().__init__()
+        self.b1, self.b2 = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 3, padding=1)
+        self.o, self.fc = nn.Conv2d(16, 4, 1), nn.Linear(4, 2)
+        self.join = join
+
+    def forward(self, x):
+        a, b = F.relu(self.b1(x)), F.relu(self.b2(x))
+        if self.join == "shuffle":  # ShuffleNetV2's channel shuffle, sizes read at run time
+            h = torch.cat([a, b], 1)
+            n, c, hh, ww = h.shape
+            h = h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        elif self.join == "stack":  # interleaved: a0 b0 a1 b1 ...
+            h = torch.stack([a, b], 2).flatten(1, 2)
+        else:
+            h = torch.cat([a, b], 1)
+        return self.fc(F.relu(self.o(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("join", ["shuffle", "stack"])
+def test_branches_interleaved_by_position_are_left_alone(join):
+    structure = find_groups(Mixed(join).eval(), torch.randn(2, 3, 6, 6))
+    assert set(structure.groups) == {"o"}
+    for branch in ("b1", "b2"):
+        assert f"'{branch}'" in structure.reason(branch)
+
+
+def test_concatenated_branches_stay_prunable_with_different_units_each():
+    model, x = Mixed("cat").eval(), torch.randn(2, 3, 6, 6)
+    structure = find_groups(model, x)
+    assert set(structure.groups) == {"b1", "b2", "o"}
+    plan = make_plan(structure, {"b1": [4, 5, 6, 7], "b2": [0, 1, 2], "o": [1, 3]})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), atol=1e-6, rtol=0)
+
+
+class Padded(nn.Module):
+    def __init__(self, pad: tuple[int, int], mode: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8 + sum(pad), 2)
+        self.pad, self.mode = pad, mode
+
+    def forward(self, x):
+        return self.b(F.pad(torch.relu(self.a(x)).unsqueeze(1), self.pad, self.mode).squeeze(1))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("pad", [(1, 0), (0, 1), (2, 1)])
+def test_a_copying_pad_along_the_units_leaves_the_layer_alone(pad, mode):
+    structure = find_groups(Padded(pad, mode).eval(), torch.randn(3, 5))
+    assert structure.groups == {}
+    assert "op 'pad' takes a fixed slice" in structure.reason("a")
+
+
+def test_a_zero_pad_along_the_units_and_a_reflect_pad_of_the_pixels_are_followed():
+    structure = find_groups(Padded((1, 2), "constant").eval(), torch.randn(3, 5))
+    assert set(structure.groups) == {"a"}
+    conv = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(6, 2, 3))
+    assert set(find_groups(conv.eval(), torch.randn(2, 3, 8, 8)).groups) == {"0"}

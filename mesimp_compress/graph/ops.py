@@ -68,6 +68,7 @@ MOVEMENT = frozenset(
 )
 # Movement ops that pick positions by fixed offsets, indices or shifts: along a unit axis they
 # would pick other units once the width shrinks, so there they must pass the whole axis as it is.
+# (So does ``pad`` in a copying mode: reflect, replicate and circular copy units by position.)
 POSITIONAL = frozenset(
     """getitem narrow select index_select gather take_along_dim split split_with_sizes chunk
     unbind tensor_split roll""".split()
@@ -315,10 +316,10 @@ def _movement(
     probe_args = list(args)
     probe_args[0] = probes if name in MOVEMENT_SEQ else probes[0]
     probe_kwargs = dict(kwargs)
+    mode = _arg(args, kwargs, 2, "mode", "constant") if name == "pad" else "constant"
     if name in FILL_ARG:
         pos, key = FILL_ARG[name]
         value = _arg(args, kwargs, pos, key, None)
-        mode = _arg(args, kwargs, 2, "mode", "constant") if name == "pad" else "constant"
         fill = float(PAD) if mode == "constant" and not value else 0.0
         if key in probe_kwargs or len(probe_args) <= pos:
             probe_kwargs[key] = fill
@@ -343,7 +344,8 @@ def _movement(
     except (ProbeMismatch, RuntimeError, TypeError, ValueError, IndexError) as err:
         tracer.block_tensors(inputs, f"op '{name}' could not be followed ({err})")
         return
-    source = tracer.label(data[0]) if name in POSITIONAL else None
+    positional = name in POSITIONAL or (name == "pad" and mode != "constant")
+    source = tracer.label(data[0]) if positional else None
     if source is not None and not all(
         _passes_whole(tracer, source, label)
         for r, label in zip(real, labels, strict=True)

@@ -3,10 +3,13 @@
 The trace sees one forward pass at the original widths. Code that writes a width down as
 numbers (``x.view(-1, 16 * 4 * 4)``, ``h.view(B, T, 3, 4)``, ``unflatten(-1, (3, 4))``)
 looks like plain movement there, yet fails or scrambles the units once a layer loses some.
-So each group is shrunk by one unit (its last) on a copy of the model, and the copy must
-give the outputs of the original with that unit's reads zeroed (the masked twin); a group
-that does not is left alone, with what went wrong as its reason. All groups are shrunk
-together first, so a model that follows every width pays for one check.
+So each group is shrunk on a copy of the model, and the copy must give the outputs of the
+original with the removed units' reads zeroed (the masked twin); a group that does not is left
+alone, with what went wrong as its reason. A group loses its first and its last unit (a
+one-sided reflect pad or a shift shows at one end only), and every other group one more, so
+that groups that are mixed by position (branches concatenated and then shuffled, or stacked
+and flattened) lose different units and different counts. All groups are shrunk together
+first, so a model that follows every width pays for one check.
 """
 
 from __future__ import annotations
@@ -51,12 +54,18 @@ def _units(structure: Structure) -> list[tuple[str, ...]]:
 
 def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
              units: list[tuple[str, ...]]) -> str | None:
-    """What goes wrong when every key of ``units`` loses its last unit, or None."""
+    """What goes wrong when every key of ``units`` loses the units of :func:`_removed`, or
+    None."""
     from ..plan import make_plan
     from ..surgery import apply_plan, zero_removed
 
-    kept = {k: range(structure.groups[k].width - 1) for keys in units for k in keys
-            if k in structure.groups}
+    kept = {}
+    for j, keys in enumerate(units):
+        for k in keys:
+            if k in structure.groups:
+                width = structure.groups[k].width
+                gone = _removed(width, odd=j % 2 == 1)
+                kept[k] = [u for u in range(width) if u not in gone]
     plan = make_plan(structure, kept)
     try:
         masked, shrunk = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
@@ -74,6 +83,17 @@ def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
         return f"the model fails once {named} loses units ({type(exc).__name__}: {text})"
     problem = _difference(expected, got)
     return None if problem is None else f"the model does not follow a smaller {named}: {problem}"
+
+
+def _removed(width: int, *, odd: bool) -> set[int]:
+    """The units a group of ``width`` (>= 2) loses in the check: the first and the last, and
+    on every other group the second too; at least one unit stays."""
+    if width == 2:
+        return {width - 1} if odd else {0}
+    gone = {0, width - 1}
+    if odd and width >= 4:
+        gone.add(1)
+    return gone
 
 
 def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
