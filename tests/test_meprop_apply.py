@@ -200,3 +200,19 @@ def test_meprop_trains_under_cpu_autocast_after_a_low_precision_layer(dtype):
     rows = (model[2].weight.grad.abs().sum(1) > 0).sum().item()
     assert 1 <= rows <= 4  # only the top-k rows of the second layer got a gradient
     assert (lstm.weight_hh_l0.grad.abs().sum(1) > 0).sum().item() <= 4 * 3
+
+
+@pytest.mark.parametrize("k", [2, 100])  # k >= width: dense backprop, recorded by a hook
+def test_every_backward_pass_is_recorded_also_through_a_kept_graph(k) -> None:
+    net, x = _net_and_input()
+    tracker = ActivityTracker()
+    apply_meprop(net, k=k, tracker=tracker)
+    loss = net(x).square().sum()
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    torch.autograd.grad(loss, [net.conv.weight])
+    # three backward passes of 5 * 2 examples through the conv, 5 * 2 rows through proj, and
+    # 2 sequences through the LSTM
+    assert tracker.total_examples("conv") == 3 * 10
+    assert tracker.total_examples("proj") == 3 * 10
+    assert tracker.total_examples("rnn.l0") == 3 * 2

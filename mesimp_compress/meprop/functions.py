@@ -66,11 +66,19 @@ def empty_batch_grads(ctx, x: torch.Tensor, weight: torch.Tensor) -> tuple:
 def record_hook(settings: MePropSettings, key: str, examples: int, width: int) -> Callable:
     """A gradient hook that records 'every unit selected by every example' once per backward."""
     tracker = settings.tracker
-    fired = [False]
+    return once_per_backward(lambda: tracker.record_selected(key, None, examples, width))
+
+
+def once_per_backward(record: Callable[[], None]) -> Callable[[torch.Tensor], None]:
+    """A gradient hook that calls ``record`` once per backward pass, however many of the
+    tensors it is registered on get a gradient in that pass (a graph kept with
+    ``retain_graph`` and run twice records twice, as meProp's own backward does)."""
+    seen = [None]
 
     def hook(grad: torch.Tensor) -> None:
-        if not fired[0]:
-            fired[0] = True
-            tracker.record_selected(key, None, examples, width)
+        task = torch._C._current_graph_task_id()
+        if task != seen[0]:
+            seen[0] = task
+            record()
 
     return hook

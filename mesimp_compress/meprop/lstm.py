@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import ConfigError, ShapeError
+from .functions import once_per_backward
 from .lstm_bptt import LayerPlan, LSTMLayerFn, layout
 from .settings import MePropSettings, Swappable, build_settings
 
@@ -167,14 +168,11 @@ def _record_dense(module: MePropLSTM, input: Any, output: Any, state: Any, hidde
         batched = input.dim() == 3
         examples = (input.shape[0 if module.batch_first else 1]) if batched else 1
         tensors = [output, *state]
-    fired = [False]
+    def record() -> None:
+        for key in module.layer_keys():
+            s.tracker.record_selected(key, None, examples, hidden)
 
-    def hook(grad: torch.Tensor) -> None:
-        if not fired[0]:
-            fired[0] = True
-            for key in module.layer_keys():
-                s.tracker.record_selected(key, None, examples, hidden)
-
+    hook = once_per_backward(record)
     for tensor in tensors:
         if tensor.requires_grad:
             tensor.register_hook(hook)
