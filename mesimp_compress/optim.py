@@ -25,7 +25,10 @@ remap it like any dense optimizer state.
 
 Note: while one of these optimizers lives, the ``.grad`` of a wrapped layer's weight stays
 None (its gradient is pending as rows: see :meth:`RowSparseOptimizer.row_grad`); utilities
-that read ``.grad`` (e.g. gradient clipping) do not see it.
+that read ``.grad`` (e.g. gradient clipping) do not see it. Only a backward pass that
+accumulates into the weight hands rows on: ``torch.autograd.grad(loss, [weight])`` returns the
+masked gradient as usual, and ``autograd.grad`` of other tensors or ``backward(inputs=...)``
+without the weight hands nothing to the optimizer.
 """
 
 from __future__ import annotations

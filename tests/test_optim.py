@@ -228,3 +228,32 @@ def test_a_copy_of_a_claimed_parameter_is_not_claimed_and_claims_leave_with_the_
     del sparse, weight, twin, opt
     gc.collect()
     assert len(rowgrad._CLAIMS) < claims
+
+
+def test_autograd_grad_and_backward_inputs_leave_the_optimizer_alone():
+    sparse, opt_s, dense, opt_d = _pair(*OPTIMIZERS["sgd_momentum"])
+    for model in (sparse, dense):
+        torch.manual_seed(7)
+        x, w = torch.randn(4, 5, requires_grad=True), torch.randn(4, 3)
+        loss = (model(x) * w).sum()
+        (gx,) = torch.autograd.grad(loss, [x], retain_graph=True)  # an FGSM-style input grad
+        model(x).sum().backward(inputs=[x])  # only x.grad
+        assert x.grad is not None
+        (model(x + 0.1 * gx.sign()) * w).sum().backward()  # the training backward
+    assert len(opt_s.row_grad(sparse[0].weight)[0]) == 3  # the last backward's rows only
+    opt_s.step()
+    opt_d.step()
+    for p_s, p_d in zip(sparse.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p_s, p_d, atol=1e-6, rtol=0)
+
+
+def test_autograd_grad_of_a_claimed_weight_returns_the_masked_gradient():
+    sparse, opt_s, dense, _ = _pair(*OPTIMIZERS["adam"])
+    torch.manual_seed(3)
+    x = torch.randn(4, 5)
+    got = torch.autograd.grad(sparse(x).square().sum(), [sparse[0].weight, sparse[2].weight])
+    want = torch.autograd.grad(dense(x).square().sum(), [dense[0].weight, dense[2].weight])
+    for g, w in zip(got, want, strict=True):
+        assert int((g.abs().sum(1) > 0).sum()) == 3  # k rows
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
+    assert opt_s.row_grad(sparse[0].weight) is None  # nothing was handed to the optimizer

@@ -72,11 +72,11 @@ class _Conv2dFn(torch.autograd.Function):
             grad_wk = grad_w.index_select(0, units) if grad_w is not None else None
         grad_w = grad_b = None
         if needs[1]:
-            grad_w = rowgrad.deliver(weight_param, units, grad_wk)
+            grad_w = rowgrad.deliver(weight_param, units, grad_wk, ctx)
         if needs[2]:
             if s.sparse_bias:
                 grad_b = rowgrad.deliver(bias_param, units,
-                                         dy_sel.index_select(1, units).sum((0, 2, 3)))
+                                         dy_sel.index_select(1, units).sum((0, 2, 3)), ctx)
             else:
                 grad_b = dy.sum((0, 2, 3))
         if s.tracker is not None:

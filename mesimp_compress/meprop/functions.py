@@ -57,7 +57,8 @@ def empty_batch_grads(ctx, x: torch.Tensor, weight: torch.Tensor) -> tuple:
     grad_w = grad_b = None
     if needs[1]:
         none = torch.zeros(0, dtype=torch.int64, device=weight.device)
-        grad_w = rowgrad.deliver(weight_param, none, weight.new_zeros((0, *weight.shape[1:])))
+        grad_w = rowgrad.deliver(weight_param, none, weight.new_zeros((0, *weight.shape[1:])),
+                                 ctx)
     if needs[2]:
         grad_b = torch.zeros_like(bias_param)
     return grad_x, grad_w, grad_b

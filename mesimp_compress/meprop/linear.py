@@ -70,10 +70,10 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
             grad_x = grad_x.view(x.shape)
     if needs[1]:
         x2 = x if flat else x.reshape(-1, weight.shape[1])
-        grad_w = rowgrad.deliver(ctx.params[0], units, torch.mm(dy_k.t(), x2))
+        grad_w = rowgrad.deliver(ctx.params[0], units, torch.mm(dy_k.t(), x2), ctx)
     if needs[2]:
         if s.sparse_bias:
-            grad_b = rowgrad.deliver(ctx.params[1], units, dy_k.sum(0))
+            grad_b = rowgrad.deliver(ctx.params[1], units, dy_k.sum(0), ctx)
         else:
             grad_b = dy2.sum(0)
     if s.tracker is not None:

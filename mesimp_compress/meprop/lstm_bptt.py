@@ -153,12 +153,12 @@ class LSTMLayerFn(torch.autograd.Function):
                 grad_c0[d].index_copy_(1, units, dc0)
             params = ctx.params[d * per_dir:(d + 1) * per_dir]
             wanted = needs[4 + d * per_dir:4 + (d + 1) * per_dir]
-            grads.append(rowgrad.deliver(params[0], rows, dA.t() @ X) if wanted[0] else None)
-            grads.append(rowgrad.deliver(params[1], rows, dA.t() @ Hprev) if wanted[1] else None)
+            for param, want, source in zip(params[:2], wanted[:2], (X, Hprev), strict=True):
+                grads.append(rowgrad.deliver(param, rows, dA.t() @ source, ctx) if want else None)
             if plan.bias:
                 bias_rows = dA.sum(0) if wanted[2] or wanted[3] else None
                 for param, want in zip(params[2:], wanted[2:], strict=True):
-                    grads.append(rowgrad.deliver(param, rows, bias_rows) if want else None)
+                    grads.append(rowgrad.deliver(param, rows, bias_rows, ctx) if want else None)
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         return (None, grad_x, grad_h0, grad_c0, *grads)

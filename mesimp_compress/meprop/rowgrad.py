@@ -10,7 +10,7 @@ any ordinary optimizer. Claims are weak: they end with the optimizer.
 from __future__ import annotations
 
 import weakref
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -56,13 +56,42 @@ def consumer_of(param: torch.Tensor) -> RowConsumer | None:
     return entry[1]()
 
 
-def deliver(param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+def deliver(param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
+            node: Any = None) -> torch.Tensor | None:
     """Give ``values`` for ``rows`` of ``param`` to its consumer and return None; without a
-    consumer, return the full-size gradient (zero outside ``rows``) for autograd."""
+    consumer, return the full-size gradient (zero outside ``rows``) for autograd.
+
+    ``node`` is the backward node computing them (a Function's ``ctx``): rows go to the
+    consumer only when this backward pass accumulates into ``param``. Under
+    ``torch.autograd.grad(..., [param])`` autograd gets the full-size gradient (the caller
+    asked for it; the optimizer gets nothing), and when this pass does not touch ``param``
+    at all (``autograd.grad`` of other tensors, ``backward(inputs=...)`` without it) nothing
+    is handed on.
+    """
     consumer = consumer_of(param)
     if consumer is not None:
-        consumer.add_rows(param, rows, values)
-        return None
+        use = _use(node, param)
+        if use == "accumulate":
+            consumer.add_rows(param, rows, values)
+            return None
+        if use == "unused":
+            return None
     grad = values.new_zeros(param.shape)
     grad.index_copy_(0, rows, values)
     return grad
+
+
+def _use(node: Any, param: torch.Tensor) -> str:
+    """What the running backward pass does with ``param``'s gradient coming out of ``node``:
+    "accumulate" (into ``.grad``, as ``backward()`` does), "capture" (``autograd.grad``
+    returns it) or "unused"."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    if node is None or will_run is None:
+        return "accumulate"
+    for fn, _ in node.next_functions:
+        if fn is not None and getattr(fn, "variable", None) is param:
+            try:
+                return "accumulate" if will_run(fn) else "unused"
+            except RuntimeError:  # torch refuses to say for a leaf under autograd.grad(),
+                return "capture"  # which only reaches leaves it was asked for
+    return "accumulate"
