@@ -46,6 +46,11 @@ from .meprop import rowgrad
 class RowSparseOptimizer(torch.optim.Optimizer):
     """Base: claims its parameters' row gradients, collects them, and pairs them with .grad."""
 
+    # torch.amp.GradScaler cannot unscale row gradients (they never reach .grad), so these
+    # optimizers take the scale from it, as torch's fused optimizers do: the scaler then sets
+    # ``grad_scale`` and ``found_inf`` on the optimizer for the step (see _unscale).
+    _step_supports_amp_scaling = True
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         import torch.distributed as dist
 
@@ -119,6 +124,33 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
+    def _unscale(self) -> bool:
+        """Under ``torch.amp.GradScaler.step``: divide the dense and row gradients by the
+        scale and say whether to step (False: a gradient is not finite; the step is skipped
+        and its rows dropped, as the scaler skips a dense optimizer's step). A non-finite
+        value only in row gradients skips the step but, unseen by the scaler, does not lower
+        its scale. Without a scaler: True."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return True
+        scale = getattr(self, "grad_scale", None)
+        values = [v for pending in self._rows.values() for _, v in pending]
+        if scale is None and values:
+            raise ConfigError(
+                f"{type(self).__name__} holds row gradients that GradScaler.unscale_ cannot "
+                "reach (they are not in .grad); call scaler.step(optimizer) without "
+                "scaler.unscale_(optimizer) first"
+            )
+        if bool(found_inf) or not all(bool(v.isfinite().all()) for v in values):
+            self._rows.clear()
+            return False
+        if scale is not None:
+            inv = scale.double().reciprocal().float()
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            for tensor in (*grads, *values):
+                tensor.mul_(inv.to(tensor.device, tensor.dtype))
+        return True
+
 
 class RowSparseAdam(RowSparseOptimizer):
     """Adam whose step touches only the rows that got a gradient (lazy moments; see module doc).
@@ -142,6 +174,8 @@ class RowSparseAdam(RowSparseOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update every parameter that got a gradient (rows or dense) since the last step."""
         loss = self._run(closure)
+        if not self._unscale():
+            return loss
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps, write_back = [], [], [], [], [], []
             for param, grad, rows, values in self._gradients(group):
@@ -192,6 +226,8 @@ class RowSparseSGD(RowSparseOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update every parameter that got a gradient (rows or dense) since the last step."""
         loss = self._run(closure)
+        if not self._unscale():
+            return loss
         for group in self.param_groups:
             for param, grad, rows, values in self._gradients(group):
                 state = self.state[param]

@@ -257,3 +257,43 @@ def test_autograd_grad_of_a_claimed_weight_returns_the_masked_gradient():
         assert int((g.abs().sum(1) > 0).sum()) == 3  # k rows
         torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
     assert opt_s.row_grad(sparse[0].weight) is None  # nothing was handed to the optimizer
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd_momentum"])
+def test_grad_scaler_unscales_row_gradients_and_skips_overflowing_steps(name):
+    make = OPTIMIZERS[name][0]
+    plain, scaled = _mlp(1), _mlp(1)
+    for model in (plain, scaled):
+        apply_meprop(model, 3)
+    opt_plain, opt_scaled = make(plain.parameters()), make(scaled.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for seed in range(3):
+        _backward(plain, seed)
+        opt_plain.step()
+        opt_plain.zero_grad()
+        torch.manual_seed(100 + seed)
+        x, w = torch.randn(4, 5), torch.randn(4, 3)
+        scaler.scale((scaled(x) * w).sum()).backward()
+        scaler.step(opt_scaled)
+        scaler.update()
+        opt_scaled.zero_grad()
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    before = [p.detach().clone() for p in scaled.parameters()]
+    scaler.scale((scaled(torch.randn(4, 5)) * 1e38).sum()).backward()  # overflows once scaled
+    scaler.step(opt_scaled)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15
+    assert all(torch.equal(p, b) for p, b in zip(scaled.parameters(), before, strict=True))
+    assert opt_scaled.row_grad(scaled[0].weight) is None  # the skipped step's rows are gone
+
+
+def test_grad_scaler_unscale_before_step_is_refused_while_rows_are_pending():
+    model = _mlp()
+    apply_meprop(model, 3)
+    opt = RowSparseSGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(4, 5)).sum()).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(ConfigError, match="without scaler.unscale_"):
+        scaler.step(opt)
