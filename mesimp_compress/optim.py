@@ -75,8 +75,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 rowgrad.claim(param, self)
 
     def add_rows(self, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Accumulate a row gradient of ``param`` until the next step."""
-        self._rows.setdefault(param, []).append((rows, values))
+        """Accumulate a row gradient of ``param`` until the next step (no rows: nothing)."""
+        if rows.numel():
+            self._rows.setdefault(param, []).append((rows, values))
 
     def row_grad(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The pending row gradient of ``param`` as (unique rows, summed values), if any."""

@@ -297,3 +297,14 @@ def test_grad_scaler_unscale_before_step_is_refused_while_rows_are_pending():
     scaler.unscale_(opt)
     with pytest.raises(ConfigError, match="without scaler.unscale_"):
         scaler.step(opt)
+
+
+def test_an_empty_batch_gives_the_optimizer_no_rows_and_no_step():
+    model = _mlp()
+    apply_meprop(model, 3)
+    opt = RowSparseAdam(model.parameters(), lr=0.1)
+    model(torch.randn(0, 5)).sum().backward()
+    assert opt.row_grad(model[0].weight) is None
+    opt.step()
+    assert "step" not in opt.state[model[0].weight]  # Adam's bias correction is untouched
+    assert float(opt.state[model[0].bias]["step"]) == 1  # dense zero gradient: a dense step
