@@ -102,6 +102,11 @@ def compress(
     max_drop: float | None = typer.Option(
         None, "--max-drop", help="Roll back a prune whose metric drops more than this."
     ),
+    greater_is_better: bool | None = typer.Option(
+        None,
+        "--greater-is-better/--lower-is-better",
+        help="Direction of the metric for --max-drop (lower: error, loss, perplexity).",
+    ),
     sparse_update: bool | None = typer.Option(
         None,
         "--sparse-update/--dense-update",
@@ -175,6 +180,7 @@ def compress(
         "seed": seed,
         "batches": batches,
         "max_drop": max_drop,
+        "greater_is_better": greater_is_better,
         "quantize": quantize,
         "sparse_update": sparse_update,
         "compensate": compensate,

@@ -83,8 +83,9 @@ class ProgressRenderer:
     def _on_rollback(self, d: dict[str, Any]) -> None:
         target = self.progress.console if self.progress is not None else self.console
         target.print(
-            f"  [yellow]rollback[/] at window {d['window']}: metric {d['metric']:.4f} < "
-            f"{d['threshold']:.4f}; frozen {', '.join(d['keys'])}"
+            f"  [yellow]rollback[/] at window {d['window']}: metric {d['metric']:.4f} "
+            f"{'>' if d['metric'] > d['threshold'] else '<'} limit {d['threshold']:.4f}; "
+            f"frozen {', '.join(d['keys'])}"
         )
 
     def _on_done(self, d: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import random
 from collections.abc import Iterable, Mapping
@@ -14,9 +15,9 @@ import torch
 from torch import nn
 
 from . import distributed
-from .batches import first_batch, to_device
+from .batches import check_reiterable, first_batch, to_device
 from .config import CompressConfig, read_toml
-from .errors import CheckpointError, ConfigError, DataError, ShapeError
+from .errors import CheckpointError, ConfigError, MesimpError, ShapeError
 from .events import EventSink, emit
 from .outputs import OutputDir
 from .simplify import Simplifier
@@ -115,6 +116,8 @@ def _run(
 
     # one batch for the checks, the trace and the export (a shuffled loader yields another
     # first batch on every pass, so inputs and targets must come from the same one)
+    check_reiterable(train, where="train data")
+    check_reiterable(eval_data, where="eval data")
     example_inputs, example_targets = first_batch(train, where="train data")
     first_batch(eval_data, where="eval data")
     try:
@@ -311,12 +314,15 @@ def _check_forward(
     """Run the model and the loss on one batch, so shape errors surface before training."""
     from . import tasks
 
-    device = next(model.parameters()).device
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
     inputs, targets = to_device(inputs, device), to_device(targets, device)
     try:
         with torch.no_grad():
             outputs = model(*inputs)
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+    except MesimpError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
         shapes = ", ".join(
             str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs
         )
@@ -326,11 +332,13 @@ def _check_forward(
         ) from None
     try:
         value = (loss or tasks.cross_entropy)(outputs, targets)
-        (metric or tasks.accuracy)(outputs, targets)
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        tasks.metric_value((metric or tasks.accuracy)(outputs, targets), 1,
+                           where="the first train batch")
+    except MesimpError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the user's loss or metric raises
         raise ShapeError(
             f"loss/metric failed on the first batch: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
-    if not isinstance(value, torch.Tensor) or value.dim() != 0:
-        raise DataError("the loss must return a scalar tensor")
+    tasks.check_loss(value, "the first train batch", differentiable=False)

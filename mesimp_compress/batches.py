@@ -67,12 +67,18 @@ def batch_size(inputs: tuple[Any, ...]) -> int:
     return 1
 
 
-def count_batches(data: Iterable[Any], *, where: str) -> int:
-    """Number of batches per pass; the data must be re-iterable (not a one-shot generator)."""
+def check_reiterable(data: Iterable[Any], *, where: str) -> None:
+    """DataError for a one-shot iterator (a generator): the data is read once per epoch and
+    once per evaluation, so it must be re-iterable."""
     if iter(data) is data:
         raise DataError(
             f"{where}: data must be re-iterable (a DataLoader or a list), got a one-shot iterator"
         )
+
+
+def count_batches(data: Iterable[Any], *, where: str) -> int:
+    """Number of batches per pass; the data must be re-iterable (not a one-shot generator)."""
+    check_reiterable(data, where=where)
     try:
         n = len(data)  # type: ignore[arg-type]
     except TypeError:

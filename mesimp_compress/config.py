@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import ConfigError, KError
 
 if sys.version_info >= (3, 11):
@@ -75,9 +77,14 @@ class CompressConfig:
     layer_weight: float = 1.0
     temperature: float = 2.0
     max_drop: float | None = None
-    """Roll back a prune whose metric falls more than this below the original."""
+    """Roll back a prune whose metric falls more than this below the original (rises above
+    it, with ``greater_is_better = false``)."""
     recovery_windows: int = 2
-    """Windows of training after a prune before the max_drop check."""
+    """Windows after a prune, its own window included, at whose end max_drop checks the
+    metric (1: right after the prune; a run that ends earlier checks at its end)."""
+    greater_is_better: bool = True
+    """Whether a higher metric is better (accuracy, cosine) or a lower one (error, loss,
+    perplexity): the direction max_drop measures a drop in."""
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0
@@ -141,6 +148,12 @@ class CompressConfig:
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name} must be a list of module-name patterns, got {value!r}")
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        if not isinstance(self.greater_is_better, bool):
+            raise ConfigError(
+                f"greater_is_better must be true or false, got {self.greater_is_better!r}"
+            )
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError(
                 f"device must be a string like 'cpu' or 'cuda:0', got {self.device!r}"
@@ -222,7 +235,7 @@ _INT_KEYS = {
     "bench_seq",
     "opset",
 }
-_BOOL_KEYS = {"sparse_update", "sparse_bias", "allow_residual", "quantize"}
+_BOOL_KEYS = {"sparse_update", "sparse_bias", "allow_residual", "quantize", "greater_is_better"}
 _STR_KEYS = {"mode", "optimizer", "normal_backprop", "device", "output_layer"}
 _LIST_KEYS = {"include", "exclude", "batches", "distill_layers"}
 
@@ -257,6 +270,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise bad(f"one of {', '.join(COMPENSATE)} (or true/false)")
         return value
+    if key == "device" and isinstance(value, torch.device):
+        return str(value)
     if key in _STR_KEYS:
         if not isinstance(value, str):
             raise bad("a string")

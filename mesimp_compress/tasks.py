@@ -7,6 +7,7 @@ nowhere. A metric returns ``(sum, count)`` so batches of any size average exactl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .errors import ShapeError
+from .errors import DataError, ShapeError
 
 IGNORE_INDEX = -100
 
@@ -97,11 +98,56 @@ def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
     return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
 
 
+def check_loss(loss: Any, where: str, *, differentiable: bool = True) -> None:
+    """DataError naming ``where`` unless ``loss`` is a one-value floating tensor (that
+    autograd can differentiate, when ``differentiable``)."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        got = (
+            f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
+            if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
+        )
+        raise DataError(f"the loss must return a scalar float tensor; got {got} on {where}")
+    if differentiable and not loss.requires_grad:
+        raise DataError(
+            f"the loss on {where} does not depend on the model's trainable parameters "
+            "(detached, computed under no_grad, or nothing is trainable)"
+        )
+
+
 def metric_value(
-    result: tuple[float, float] | float | torch.Tensor, batch: int
+    result: tuple[float, float] | float | torch.Tensor, batch: int, *, where: str
 ) -> tuple[float, float]:
-    """Normalise a metric's return to (sum, count): a plain number counts as a batch mean."""
-    if isinstance(result, tuple):
-        total, count = result
-        return float(total), float(count)
-    return float(result) * batch, float(batch)
+    """Normalise a metric's return to (sum, count): a plain number counts as a batch mean.
+
+    DataError naming ``where`` for any other return (None, a string, a vector, a triple) and
+    for a value that is not finite.
+    """
+    if isinstance(result, (tuple, list)):
+        if len(result) != 2:
+            raise DataError(
+                f"the metric returned a {type(result).__name__} of {len(result)} values on "
+                f"{where}; return a number (the batch mean) or a pair (sum, count)"
+            )
+        total, count = _number(result[0], where), _number(result[1], where)
+    else:
+        total, count = _number(result, where) * batch, float(batch)
+    if not (math.isfinite(total) and math.isfinite(count)):
+        raise DataError(
+            f"the metric is not finite on {where} ({total} over {count}); a NaN or infinite "
+            "metric would make every comparison (max_drop, the report) meaningless"
+        )
+    return total, count
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, (int, float)) or (
+        hasattr(value, "__float__") and not isinstance(value, (str, bytes, torch.Tensor))
+    ):
+        return float(value)
+    shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+    raise DataError(
+        f"the metric returned {type(value).__name__}{shape} on {where}; return a number "
+        "(the batch mean) or a pair (sum, count)"
+    )

@@ -94,7 +94,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
                 outputs = model(*inputs)
             with user_code("the metric", where):
                 value = metric(outputs, targets)
-            s, c = tasks.metric_value(value, batch_size(inputs))
+            s, c = tasks.metric_value(value, batch_size(inputs), where=where)
             total += s
             count += c
     finally:
@@ -235,6 +235,8 @@ class FineTuner:
                         rng=rng if resuming else None,
                     )
                 epoch_no += 1
+        if self._guard is not None and self.history:  # the run ended before its check was due
+            self._check_guard(self.history[-1].metric, due=True)
 
     def _enter(self, phase: Phase) -> None:
         dense = phase.kind == "normal" and self.cfg.normal_backprop == "dense"
@@ -303,6 +305,7 @@ class FineTuner:
                 outputs = self.net(*inputs)
             with user_code("the loss", where):
                 loss = self.loss_fn(outputs, targets)
+            tasks.check_loss(loss, where)
             if self.teacher is not None:
                 with torch.no_grad():
                     reference = self.teacher(*inputs)
@@ -387,19 +390,22 @@ class FineTuner:
             "bench": self.simp.state(),
         }
 
-    def _check_guard(self, metric: float) -> None:
+    def _check_guard(self, metric: float, *, due: bool = False) -> None:
+        """After a window (``metric`` its metric): roll back the pending prunes once their
+        recovery windows are over (or now, when ``due``) if the metric fell too far."""
         guard = self._guard
         if guard is None:
             return
         guard["age"] += 1
-        if guard["age"] < self.cfg.recovery_windows:
+        if guard["age"] < self.cfg.recovery_windows and not due:
             return
         self._guard = None
-        threshold = self.metric_before - float(self.cfg.max_drop)
-        if metric >= threshold:
+        sign = 1.0 if self.cfg.greater_is_better else -1.0
+        threshold = self.metric_before - sign * float(self.cfg.max_drop)
+        if sign * metric >= sign * threshold:
             return
         snap = guard["snapshot"]
-        self.model = snap["model"]
+        self.model = snap["model"].train()  # a snapshot rebuilt on resume comes in eval mode
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(snap["optimizer"])
         self.tracker.load_state_dict(snap["tracker"])

@@ -287,7 +287,8 @@ def evaluate_onnx(
             outputs = outs[0] if len(outs) == 1 else tuple(outs)
         with user_code("the metric", f"eval batch {i + 1} (onnxruntime outputs)"):
             value = metric(outputs, targets.cpu() if isinstance(targets, torch.Tensor) else targets)
-        s, c = tasks.metric_value(value, batch_size(inputs))
+        s, c = tasks.metric_value(value, batch_size(inputs),
+                                  where=f"eval batch {i + 1} (onnxruntime outputs)")
         total += s
         count += c
     return total / count if count else float("nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import _tiny
@@ -170,6 +171,66 @@ def test_a_bad_batch_after_the_first_is_a_data_error_naming_it(tmp_path, data, s
         mc.compress(_tiny.mlp(), train, eval_data, config=CFG, out=tmp_path / "out")
     assert info.value.__cause__ is not None  # the user's own error stays chained
     assert not (tmp_path / "out").exists()
+
+
+def _loss_of_kind(kind: str):
+    """A loss that is fine on the first batch and returns ``kind`` from the third on."""
+    calls = {"n": 0}
+
+    def loss(outputs, targets):
+        calls["n"] += 1
+        value = torch.nn.functional.cross_entropy(outputs, targets)
+        if calls["n"] < 3:
+            return value
+        return {"vector": value.expand(3), "detached": value.detach(),
+                "float": float(value.detach())}[kind]
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("vector", "the loss must return a scalar float tensor; got a torch.float32 tensor of "
+                   "shape (3,) on train batch 2 (epoch 0)"),
+        ("detached", "the loss on train batch 2 (epoch 0) does not depend on"),
+        ("float", "got a float on train batch 2 (epoch 0)"),
+    ],
+)
+def test_a_loss_that_cannot_train_on_a_later_batch_is_a_data_error(data, kind, says) -> None:
+    # calls: 1 = the first-batch check, 2 = train batch 1, 3 = train batch 2
+    for distill in (0.0, 0.5):  # distillation alone must not hide a broken task loss
+        with pytest.raises(mc.DataError, match=re.escape(says)):
+            mc.compress(_tiny.mlp(), *data, config=CFG.replace(distill=distill),
+                        loss=_loss_of_kind(kind))
+
+
+@pytest.mark.parametrize("error", [KeyError("logits"), AttributeError("x"), AssertionError()])
+def test_any_failure_of_the_first_batch_checks_is_typed(data, error) -> None:
+    def loss(outputs, targets):
+        raise error
+
+    with pytest.raises(mc.ShapeError, match=f"loss/metric failed on the first batch: "
+                                            f"{type(error).__name__}"):
+        mc.compress(_tiny.mlp(), *data, config=CFG, loss=loss)
+
+
+def test_a_one_shot_eval_iterator_is_refused_before_it_is_read(data) -> None:
+    batches = iter(data[1])
+    with pytest.raises(mc.DataError, match="eval data: data must be re-iterable"):
+        mc.compress(_tiny.mlp(), data[0], batches, config=CFG)
+    assert len(list(batches)) == len(data[1])  # nothing was consumed
+
+
+def test_a_nan_metric_is_a_data_error_naming_the_batch(data) -> None:
+    calls = {"n": 0}
+
+    def metric(outputs, targets):  # calls: the first-batch check, then eval batches 1, 2
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 3 else 1.0
+
+    with pytest.raises(mc.DataError, match="the metric is not finite on eval batch 2"):
+        mc.compress(_tiny.mlp(), *data, config=CFG, metric=metric)
 
 
 class DictMLP(torch.nn.Module):

@@ -55,3 +55,13 @@ def test_replace_validates():
     with pytest.raises(ConfigError, match="min_width"):
         CompressConfig().replace(min_width=0)
     assert CompressConfig().replace(k=12).k == 12
+
+
+def test_a_torch_device_is_taken_as_its_name_and_the_metric_direction_is_a_bool():
+    import torch
+
+    assert CompressConfig(device=torch.device("cpu")).device == "cpu"
+    assert CompressConfig.from_dict({"device": torch.device("cpu")}).device == "cpu"
+    assert CompressConfig.from_dict({"greater-is-better": False}).greater_is_better is False
+    with pytest.raises(ConfigError, match="greater_is_better must be true or false"):
+        CompressConfig.from_dict({"greater_is_better": "no"})

@@ -1,9 +1,12 @@
+import re
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mesimp_compress import tasks
-from mesimp_compress.errors import ShapeError
+from mesimp_compress.errors import DataError, ShapeError
 
 
 def test_sequence_loss_and_accuracy_ignore_padding():
@@ -37,8 +40,43 @@ def test_distillation_falls_back_to_mse_for_embeddings():
 
 
 def test_metric_value_normalises_means_and_pairs():
-    assert tasks.metric_value((3.0, 4.0), 10) == (3.0, 4.0)
-    assert tasks.metric_value(0.5, 10) == (5.0, 10.0)
+    where = "eval batch 1"
+    assert tasks.metric_value((3.0, 4.0), 10, where=where) == (3.0, 4.0)
+    assert tasks.metric_value([3, torch.tensor(4)], 10, where=where) == (3.0, 4.0)
+    assert tasks.metric_value(0.5, 10, where=where) == (5.0, 10.0)
+    assert tasks.metric_value(np.float32(0.5), 10, where=where) == (5.0, 10.0)
+    assert tasks.metric_value(torch.tensor([0.5]), 10, where=where) == (5.0, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (None, "returned NoneType on eval batch 3"),
+        ("0.5", "returned str on eval batch 3"),
+        (torch.tensor([0.5, 0.25]), "Tensor of shape (2,)"),
+        ((1.0, 2.0, 3.0), "tuple of 3 values"),
+        (float("nan"), "not finite on eval batch 3"),
+        ((1.0, 0.0 * float("inf")), "not finite"),
+    ],
+)
+def test_metric_value_refuses_other_returns_naming_the_batch(value, says):
+    with pytest.raises(DataError, match=re.escape(says)):
+        tasks.metric_value(value, 4, where="eval batch 3")
+
+
+@pytest.mark.parametrize(
+    ("loss", "says"),
+    [
+        (1.0, "got a float"),
+        (torch.ones(3, requires_grad=True), "shape (3,)"),
+        (torch.tensor(1), "torch.int64"),
+        (torch.tensor(1.0), "does not depend on the model's trainable parameters"),
+    ],
+)
+def test_check_loss_refuses_what_cannot_train(loss, says):
+    with pytest.raises(DataError, match=re.escape(says)):
+        tasks.check_loss(loss, "train batch 2 (epoch 0)")
+    tasks.check_loss(torch.ones(1, requires_grad=True).sum(), "train batch 2 (epoch 0)")
 
 
 def test_distillation_of_a_structured_output_sums_its_float_leaves():

@@ -174,3 +174,70 @@ def test_a_rollback_names_and_freezes_every_prune_it_undoes() -> None:
     assert set(rollback.keys) == {"2", "4"}
     later = [r for r in result.history if r.window > rollback.window]
     assert later and not any(set(r.pruned) & {"2", "4"} for r in later)  # both frozen
+
+
+def test_a_check_still_pending_when_the_run_ends_is_made_at_its_end(data) -> None:
+    model = trained_mlp(data[0])
+    ft = tuner(model, data, k=4, prune_rate=0.9, window=0.25, lr=1e-6, max_drop=0.0,
+               recovery_windows=50, compensate=False)  # never due within the run
+    result = ft.run()
+    assert result.rollbacks and result.rollbacks[0].window == len(result.history)
+    assert {k: len(v) for k, v in result.kept.items()} == {"0": 32, "2": 24}
+    assert result.metric_after >= result.metric_before - 0.02  # lr 1e-6: all but unchanged
+
+
+def test_a_lower_is_better_metric_rolls_back_a_rise(data) -> None:
+    def error(outputs, targets):
+        right, count = tasks.accuracy(outputs, targets)
+        return count - right, count
+
+    results = {}
+    for greater in (True, False):
+        cfg = CompressConfig(**{**BASE, "k": 4, "prune_rate": 0.9, "window": 0.25, "lr": 1e-6,
+                                "max_drop": 0.0, "recovery_windows": 1, "compensate": "off",
+                                "greater_is_better": greater})
+        train, evaluation = data
+        model = trained_mlp(train)
+        simp = Simplifier.build(model, train[0][0], cfg)
+        results[greater] = FineTuner(model, None, train, evaluation, simp, cfg,
+                                     metric=error).run()
+    assert not results[True].rollbacks  # a rising error looks like a gain the wrong way round
+    rollback = results[False].rollbacks[0]
+    assert rollback.metric > rollback.threshold == pytest.approx(results[False].metric_before)
+
+
+def test_a_resumed_run_with_a_pending_rollback_matches_the_uninterrupted_one(tmp_path) -> None:
+    """The caller's model is in eval mode and has dropout: the snapshot a resume rebuilds
+    must train in train mode after a rollback, as the uninterrupted run does."""
+    import mesimp_compress as mc
+
+    train, evaluation = _tiny.mlp_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 24),
+                          nn.ReLU(), nn.Linear(24, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(10):
+        for x, y in train:
+            opt.zero_grad()
+            tasks.cross_entropy(model(x), y).backward()
+            opt.step()
+    model.eval()
+    cfg = dict(epochs=1, cycles=2, recovery_epochs=1, window=0.25, k=2, prune_rate=0.3,
+               min_width=1, lr=1e-3, max_drop=0.0, recovery_windows=3, distill=0.0, threads=1)
+
+    def summary(result):
+        return ([(r.window, r.loss, r.metric, r.widths) for r in result.history],
+                [r.to_dict() for r in result.rollbacks])
+
+    reference = summary(mc.compress(model, train, evaluation, config=cfg))
+    assert reference[1], "the setting must roll back a prune"
+
+    def stop(event: Event) -> None:
+        if event.kind == "checkpoint":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=tmp_path, sink=stop)
+    resumed = mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=tmp_path,
+                          resume=True)
+    assert summary(resumed) == reference
