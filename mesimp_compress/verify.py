@@ -9,6 +9,7 @@ so ``worst <= 1`` means it passed). The defaults fit fp32.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from . import tasks
 from .batches import batch_size, split_batch, user_code
-from .errors import ExportError, ParityError, ShapeError
+from .errors import ConfigError, ExportError, ParityError, ShapeError
 from .inputs import on_device_of, resize_inputs
 
 ATOL = 1e-4
@@ -180,6 +181,9 @@ def check_parity(
 ) -> ParityResult:
     """Compare ORT with PyTorch on each input tuple of ``batches``; ParityError naming the
     worst output when one is beyond tolerance (unless ``raise_on_fail`` is False)."""
+    if not (0.0 < atol < math.inf and 0.0 <= rtol < math.inf):
+        raise ConfigError(f"tolerances must be atol > 0 and rtol >= 0, finite; got atol "
+                          f"{atol!r}, rtol {rtol!r}")
     session = session_of(onnx_model)
     names = [o.name for o in session.get_outputs()]
     was_training = model.training
@@ -232,16 +236,20 @@ def check_parity(
 def _accumulate(
     stat: list[float], got: np.ndarray, ref: np.ndarray, atol: float, rtol: float
 ) -> None:
+    """Fold one output into ``stat`` = [max |got - ref|, max finite |ref|, max scaled error
+    (1 = at the tolerance)]. Where either side is not finite, agreement means the very same
+    value (NaN with NaN, inf with inf of that sign), else the error is infinite."""
     a, b = got.astype(np.float64), ref.astype(np.float64)
     if a.size == 0:
         return
-    diff = np.abs(a - b)
-    if not np.all(np.isfinite(diff)):
-        same = (a == b) | (np.isnan(a) & np.isnan(b))
-        diff = np.where(same, 0.0, np.where(np.isfinite(diff), diff, np.inf))
-    stat[0] = max(stat[0], float(diff.max()))
+    finite = np.isfinite(a) & np.isfinite(b)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    mismatch = bool((~finite & ~same).any())
+    diff = np.abs(np.subtract(a, b, out=np.zeros_like(a), where=finite))
+    scaled = diff / (atol + rtol * np.abs(np.where(finite, b, 0.0)))
+    stat[0] = max(stat[0], np.inf if mismatch else float(diff.max()))
     stat[1] = max(stat[1], float(np.abs(b[np.isfinite(b)]).max(initial=0.0)))
-    stat[2] = max(stat[2], float((diff / (atol + rtol * np.abs(b))).max()))
+    stat[2] = max(stat[2], np.inf if mismatch else float(scaled.max()))
 
 
 def parity_inputs(

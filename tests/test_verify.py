@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from mesimp_compress.errors import ExportError, ParityError, ShapeError
+from mesimp_compress.errors import ConfigError, ExportError, ParityError, ShapeError
 from mesimp_compress.export import export_onnx
 from mesimp_compress.verify import (
+    _accumulate,
     check_parity,
     evaluate_onnx,
     evaluate_torch,
@@ -120,3 +121,35 @@ def test_parity_inputs_take_real_batches_and_a_resized_one():
     assert torch.equal(picked[2][0][0], data[0][0][0])
     with pytest.raises(ShapeError, match="no batches"):
         parity_inputs([])
+
+
+@pytest.mark.parametrize(
+    ("bias", "agrees"),
+    [(float("nan"), False), (float("inf"), False), (-float("inf"), False), (0.0, True)],
+)
+def test_a_non_finite_pytorch_output_must_be_matched_exactly(bias, agrees):
+    e = zoo.mlp_torchscript()  # its ONNX file gives finite outputs
+    changed = copy.deepcopy(e.model)
+    with torch.no_grad():
+        changed[4].bias[0] += bias
+    result = check_parity(e.result.path, changed, [x for x, _ in _data(1)], raise_on_fail=False)
+    assert result.passed is agrees
+    if not agrees:
+        assert result.outputs[0].worst == float("inf") and result.outputs[0].max_abs == float("inf")
+
+
+def test_non_finite_outputs_agree_only_with_the_same_value():
+    stat = [0.0, 0.0, 0.0]
+    same = np.array([np.nan, np.inf, -np.inf, 1.0])
+    _accumulate(stat, same.copy(), same, 1e-4, 1e-3)
+    assert stat == [0.0, 1.0, 0.0]
+    _accumulate(stat, np.array([np.nan, -np.inf, -np.inf, 1.0]), same, 1e-4, 1e-3)
+    assert stat[0] == stat[2] == float("inf")
+
+
+@pytest.mark.parametrize(("atol", "rtol"), [(-1.0, 1e-3), (float("nan"), 1e-3), (0.0, 0.0),
+                                            (1e-4, -1.0), (1e-4, float("inf"))])
+def test_bad_tolerances_are_refused(atol, rtol):
+    e = zoo.mlp_torchscript()
+    with pytest.raises(ConfigError, match="tolerances must be"):
+        check_parity(e.result.path, e.model, [x for x, _ in _data(1)], atol=atol, rtol=rtol)
