@@ -44,6 +44,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ) -> None:
     from mesimp_compress.errors import ConfigError, ShapeError
+    from mesimp_compress.inputs import BATCH
     from mesimp_compress.latency import benchmark, inputs_from_onnx, signature_of
     from mesimp_compress.report import machine, versions
 
@@ -59,11 +60,16 @@ def bench(
     first = signature_of(models[0])
     for path in models[1:]:
         other = signature_of(path)
-        if [(n, t, len(d)) for n, t, d in other] != [(n, t, len(d)) for n, t, d in first]:
+        if _fixed(other) != _fixed(first):
             raise ShapeError(
                 f"{path.name} takes inputs {_sig(other)}, but {models[0].name} takes {_sig(first)}"
             )
     inputs, axes, names = inputs_from_onnx(models[0], batch=2, seq=seq)
+    if not any(BATCH in a.values() for a in axes) and batches != [_leading(inputs)]:
+        raise ConfigError(
+            f"{models[0].name} has no batch axis to resize (inputs {_sig(first)}); "
+            f"time it at the size it was exported with: --batch {_leading(inputs)}"
+        )
     labels = _labels(models)
     if not as_json:
         err_console.print(
@@ -110,6 +116,16 @@ def _labels(paths: list[Path]) -> list[str]:
         label = p.stem
         labels.append(label if label not in labels else f"{label}_{i}")
     return labels
+
+
+def _fixed(signature: list[tuple[str, int, list[Any]]]) -> list[tuple[Any, ...]]:
+    """Names, types and dims, with every symbolic dim alike (files name them differently)."""
+    return [(n, t, tuple(d if isinstance(d, int) else "?" for d in dims))
+            for n, t, dims in signature]
+
+
+def _leading(inputs: tuple[Any, ...]) -> int:
+    return int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
 
 
 def _sig(signature: list[tuple[str, int, list[Any]]]) -> str:

@@ -179,6 +179,14 @@ def _measure(
 ) -> LatencyRow:
     labels = list(sessions)
     for label in labels:
+        try:
+            sessions[label].run(None, feeds[label])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
+            detail = " ".join(str(exc).split())[:240]
+            at = f"batch {batch}" + (f", sequence length {seq}" if seq is not None else "")
+            raise ShapeError(
+                f"onnxruntime cannot run '{label}' on synthesised inputs at {at}: {detail}"
+            ) from None
         for _ in range(warmup):
             sessions[label].run(None, feeds[label])
     calls: dict[str, list[float]] = {label: [] for label in labels}

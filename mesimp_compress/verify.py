@@ -53,7 +53,7 @@ def make_session(path: str | os.PathLike[str], *, threads: int = 1) -> Any:
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run raises, and we say why in one line
     if not Path(path).is_file():
         raise ExportError(f"ONNX file {str(path)!r} does not exist")
     try:

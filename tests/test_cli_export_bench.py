@@ -103,6 +103,10 @@ def test_export_loads_weights_and_prints_a_table(factory, tmp_path):
         (["--input-shape", "2,8", "--opset", "99", "--out", "{tmp}/a.onnx"],
          "opset must be an integer <="),
         (["--input-shape", "2,8", "--out", "{tmp}/file.txt/a.onnx"], "a parent of it is a file"),
+        (["--input-shape", "2,8", "--atol", "-1", "--out", "{tmp}/a.onnx"],
+         "tolerances must be atol > 0"),
+        (["--input-shape", "2,8", "--atol", "nan", "--out", "{tmp}/a.onnx"],
+         "tolerances must be atol > 0"),
     ],
 )
 def test_export_user_errors_are_one_line_and_exit_2(factory, tmp_path, args, message):
@@ -219,3 +223,45 @@ def test_bench_errors(onnx_pair, tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1
     folder = runner.invoke(app, ["bench", str(a), str(tmp_path)])
     assert folder.exit_code == 2 and "is a folder" in folder.stderr
+
+
+def _positions_onnx(path) -> str:
+    """x (batch, seq) + a table of 16 positions: onnxruntime refuses any other length."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.ones((1, 16), dtype=np.float32), "pos")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "pos"], ["y"])], "positions",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])], [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_bench_turns_inputs_it_cannot_size_into_one_line_errors(tmp_path):
+    def export(model, x, name, **kwargs):
+        return str(export_onnx(model, (x,), tmp_path / name, exporter="torchscript",
+                               **kwargs).path)
+
+    pos = _positions_onnx(tmp_path / "pos.onnx")
+    refused = runner.invoke(app, ["bench", pos, pos, "--batch", "1", "--rounds", "1"])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "error: ShapeError: onnxruntime cannot run 'pos' on synthesised inputs at batch 1, "
+        "sequence length 128")
+    assert "Traceback" not in refused.output
+    ok = runner.invoke(app, ["bench", pos, pos, "--batch", "1", "--seq", "16", "--rounds", "1",
+                             "--block", "1", "--warmup", "0", "--threads", "1", "--json"])
+    assert ok.exit_code == 0, ok.output
+
+    six = export(torch.nn.Linear(6, 2), torch.randn(2, 6), "six.onnx")
+    seven = export(torch.nn.Linear(7, 2), torch.randn(2, 7), "seven.onnx")
+    mismatch = runner.invoke(app, ["bench", six, seven, "--rounds", "1"])
+    assert mismatch.exit_code == 2 and "seven.onnx takes inputs" in mismatch.stderr
+
+    fixed = export(torch.nn.Linear(6, 2), torch.randn(4, 6), "fixed.onnx", dynamic_axes=[{}])
+    resized = runner.invoke(app, ["bench", fixed, fixed, "--batch", "1,64", "--rounds", "1"])
+    assert resized.exit_code == 2
+    assert "fixed.onnx has no batch axis to resize" in resized.stderr
+    assert resized.stderr.strip().endswith("--batch 4")
