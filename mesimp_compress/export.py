@@ -136,7 +136,17 @@ def export_onnx(
         if len(out_names) != len(outputs):
             raise ConfigError(f"{len(out_names)} output names for {len(outputs)} outputs")
         job = _Job(model, inputs, axes, in_names, out_names, opset, external_data)
-        result = _export_with_fallback(job, target, exporter, sink)
+        try:
+            result = _export_with_fallback(job, target, exporter, sink)
+        except ExportError as exc:
+            if dynamic_axes is not None or not any(SEQ in a.values() for a in axes):
+                raise
+            # a guessed sequence axis the model does not have (fixed-length integer features,
+            # a table of positions): keep the length fixed, only the batch dynamic
+            job.axes = [{d: n for d, n in a.items() if n != SEQ} for a in axes]
+            emit(sink, "export_fallback", exporter=exporter,
+                 reason=f"the sequence axis is kept fixed ({error_line(exc)})")
+            result = _export_with_fallback(job, target, exporter, sink)
     finally:
         model.train(was_training)
     return result
@@ -243,7 +253,9 @@ def _output_axes(job: _Job) -> list[dict[int, str]]:
             seq=sizes.get(SEQ, 2) + (name == SEQ),
             axes=job.axes,
         )
-        for axes, before, out in zip(found, base, _run(job.model, grown), strict=True):
+        outs = _run(job.model, grown, what=f"once its {name} axis grew by one (inputs {{}}); "
+                    f"is that axis really dynamic?")
+        for axes, before, out in zip(found, base, outs, strict=True):
             changed = [d for d, (a, b) in enumerate(zip(before, out.shape, strict=False)) if a != b]
             axes.update({d: name for d in changed})
     return found
@@ -418,14 +430,15 @@ def _native_output_discarded() -> Iterator[None]:
                 os.close(copy)
 
 
-def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+         what: str = "on the example inputs {}") -> list[torch.Tensor]:
     try:
         with torch.no_grad():
             out = model(*inputs)
     except Exception as exc:  # noqa: BLE001 - user model: report it in one line
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise ShapeError(
-            f"the model failed on the example inputs {shapes}: {error_line(exc)}"
+            f"the model failed {what.format(shapes)}: {error_line(exc)}"
         ) from None
     leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
     if not leaves:

@@ -49,11 +49,16 @@ def on_device_of(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torc
 
 
 def default_dynamic_axes(inputs: Sequence[torch.Tensor]) -> list[dict[int, str]]:
-    """Dim 0 of every input is the batch; dim 1 of a 2-D integer input is the sequence."""
+    """Dim 0 of every input is the batch; dim 1 of a 2-D integer input is the sequence, and
+    so is dim 1 of a 2-D bool input as long as such token ids (its padding mask)."""
+    def ids(x: torch.Tensor) -> bool:
+        return x.dim() == 2 and not x.dtype.is_floating_point and x.dtype != torch.bool
+
+    lengths = {x.shape[1] for x in inputs if ids(x)}
     axes = []
     for x in inputs:
         entry: dict[int, str] = {0: BATCH} if x.dim() >= 1 else {}
-        if x.dim() == 2 and not x.dtype.is_floating_point and x.dtype != torch.bool:
+        if ids(x) or (x.dim() == 2 and x.dtype == torch.bool and x.shape[1] in lengths):
             entry[1] = SEQ
         axes.append(entry)
     return axes

@@ -33,10 +33,12 @@ def test_default_axes_batch_everywhere_and_seq_for_integer_2d_inputs():
             torch.zeros(2, 784),
             torch.zeros(2, 7, dtype=torch.long),
             torch.zeros(2, 3, 8, 8),
-            torch.zeros(2, 7, dtype=torch.bool),
+            torch.zeros(2, 7, dtype=torch.bool),  # the ids' padding mask: their length
+            torch.zeros(2, 4, dtype=torch.bool),  # another length: not a sequence
         )
     )
-    assert axes == [{0: "batch"}, {0: "batch", 1: "seq"}, {0: "batch"}, {0: "batch"}]
+    assert axes == [{0: "batch"}, {0: "batch", 1: "seq"}, {0: "batch"}, {0: "batch", 1: "seq"},
+                    {0: "batch"}]
 
 
 def test_resize_repeats_and_slices_rows_so_ids_stay_valid():
@@ -213,3 +215,48 @@ def test_export_keeps_the_training_flag(tmp_path):
     model = zoo.mlp().train()
     export_onnx(model, (torch.randn(2, 16),), tmp_path / "t.onnx", exporter="torchscript")
     assert model.training
+
+
+class FixedFeatures(nn.Module):
+    """Five categorical features, embedded and flattened: the '2-D integer' length is fixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10, 3), nn.Linear(15, 2)
+
+    def forward(self, ids):
+        return self.out(self.emb(ids).flatten(1))
+
+
+class Masked(nn.Module):
+    """Token ids with a bool padding mask, as nn.TransformerEncoder takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+    def forward(self, ids, pad):
+        h = self.emb(ids).masked_fill(pad.unsqueeze(-1), 0.0)
+        return self.out(h.sum(1))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_guessed_sequence_axis_the_model_lacks_is_kept_fixed(tmp_path, exporter):
+    events = []
+    ids = torch.randint(0, 10, (2, 5))
+    result = export_onnx(FixedFeatures().eval(), (ids,), tmp_path / "f.onnx",
+                         exporter=exporter, sink=events.append)
+    assert result.dynamic_axes == {"ids": {0: "batch"}}
+    fallback = [e.data["reason"] for e in events if e.kind == "export_fallback"]
+    assert fallback and "the sequence axis is kept fixed" in fallback[0]
+    assert "once its seq axis grew by one" in fallback[0] or exporter == "dynamo"
+    with pytest.raises(ExportError):  # axes the caller names are never changed behind them
+        export_onnx(FixedFeatures().eval(), (ids,), tmp_path / "g.onnx", exporter=exporter,
+                    dynamic_axes=[{0: "batch", 1: "seq"}])
+
+
+def test_ids_and_their_bool_mask_share_the_sequence_axis(tmp_path):
+    ids, pad = torch.randint(0, 10, (2, 7)), torch.zeros(2, 7, dtype=torch.bool)
+    result = export_onnx(Masked().eval(), (ids, pad), tmp_path / "m.onnx",
+                         exporter="torchscript")
+    assert result.dynamic_axes == {"ids": {0: "batch", 1: "seq"}, "pad": {0: "batch", 1: "seq"}}
