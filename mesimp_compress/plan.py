@@ -86,6 +86,13 @@ class Plan:
                 raise PlanError(f"{where} is edited twice in one plan")
             seen.add((edit.module, edit.role))
             _check_indices(edit.kept, edit.size, where)
+            if edit.role == "out" and edit.module in self.kept and (
+                list(edit.kept) != list(self.kept[edit.module])
+            ):  # a Linear/Conv2d key is its module: its own rows must be the kept units
+                raise PlanError(
+                    f"{where} keeps {list(edit.kept)[:8]}... but the plan keeps "
+                    f"{list(self.kept[edit.module])[:8]}... of layer key '{edit.module}'"
+                )
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

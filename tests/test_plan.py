@@ -110,6 +110,7 @@ def test_json_round_trip_and_format() -> None:
         (lambda d: d["edits"][0].update(attrs={"out_features": 99}), "out_features=99"),
         (lambda d: d["edits"].append(dict(d["edits"][0])), "edited twice"),
         (lambda d: d.pop("edits"), "malformed"),
+        (lambda d: d["kept"].update({"0": [2, 5]}), "but the plan keeps"),
     ],
 )
 def test_from_json_rejects_malformed_plans(mutate, match) -> None:
