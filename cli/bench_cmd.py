@@ -45,7 +45,12 @@ def bench(
 ) -> None:
     from mesimp_compress.errors import ConfigError, ShapeError
     from mesimp_compress.inputs import BATCH
-    from mesimp_compress.latency import benchmark, inputs_from_onnx, signature_of
+    from mesimp_compress.latency import (
+        benchmark,
+        check_settings,
+        inputs_from_onnx,
+        signature_of,
+    )
     from mesimp_compress.report import machine, versions
 
     if len(models) < 2:
@@ -64,6 +69,8 @@ def bench(
             raise ShapeError(
                 f"{path.name} takes inputs {_sig(other)}, but {models[0].name} takes {_sig(first)}"
             )
+    check_settings(batches=batches, threads=thread_counts, rounds=rounds, block=block,
+                   warmup=warmup, max_seconds=max_seconds, seq=seq)
     inputs, axes, names = inputs_from_onnx(models[0], batch=2, seq=seq)
     if not any(BATCH in a.values() for a in axes) and batches != [_leading(inputs)]:
         raise ConfigError(

@@ -41,7 +41,7 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
 
 
 def handle_errors(func: F) -> F:
-    """Map every MesimpError (and a few user-input OS errors) to one line and exit code 2."""
+    """Map every MesimpError, OS error and allocation failure to one line and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -49,9 +49,14 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except MesimpError as exc:
             raise fail(f"{type(exc).__name__}: {exc}") from None
-        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-                PermissionError) as exc:
+        except OSError as exc:  # a missing file, no permission, a full disk, a long name, ...
             raise fail(f"{type(exc).__name__}: {exc}") from None
+        except MemoryError:
+            raise fail("out of memory (a batch, shape or thread count too large?)") from None
+        except RuntimeError as exc:
+            if "allocate" not in str(exc) and "not enough memory" not in str(exc):
+                raise
+            raise fail(f"out of memory (a batch or shape too large?): {exc}") from None
         except KeyboardInterrupt:
             raise fail("interrupted", code=130) from None
 

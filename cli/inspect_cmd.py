@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import console, handle_errors
@@ -47,7 +48,7 @@ def inspect(
 def load(directory: Path) -> dict[str, Any]:
     """The report of ``directory`` (or the file itself); DataError if missing or not a report."""
     from mesimp_compress.errors import DataError
-    from mesimp_compress.report import REPORT_FORMAT, read_report
+    from mesimp_compress.report import REPORT_FORMAT, REPORT_VERSION, read_report
 
     path = directory / "report.json" if directory.is_dir() else directory
     if not path.is_file():
@@ -57,10 +58,15 @@ def load(directory: Path) -> dict[str, Any]:
         )
     try:
         report = read_report(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DataError(f"cannot read {str(path)!r}: {type(exc).__name__}: {exc}") from None
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise DataError(f"{str(path)!r} is not a mesimp report (expected format {REPORT_FORMAT!r})")
+    if report.get("version") != REPORT_VERSION:
+        raise DataError(
+            f"{str(path)!r} is a report of version {report.get('version')!r}; this mesimp "
+            f"reads version {REPORT_VERSION}"
+        )
     return report
 
 
@@ -69,14 +75,15 @@ def _status(report: dict[str, Any], directory: Path) -> Table:
     table.add_column("", style="bold")
     table.add_column("")
     status = str(report.get("status"))
-    table.add_row("status", f"[green]{status}[/]" if status == "ok" else f"[red]{status}[/]")
+    shown = escape(status)  # a report's strings are data, never markup
+    table.add_row("status", f"[green]{shown}[/]" if status == "ok" else f"[red]{shown}[/]")
     if report.get("error"):
-        table.add_row("error", str(report["error"]))
+        table.add_row("error", escape(str(report["error"])))
     if report.get("created"):
-        table.add_row("created", str(report["created"]))
+        table.add_row("created", escape(str(report["created"])))
     factory = (report.get("extra") or {}).get("factory")
     if factory:
-        table.add_row("model", str(factory))
+        table.add_row("model", escape(str(factory)))
     params = report.get("params") or {}
     if params.get("before") is not None:
         ratio = params.get("ratio")
@@ -93,7 +100,7 @@ def _extras(report: dict[str, Any]) -> list[Table]:
         table.add_column("layer")
         table.add_column("reason")
         for s in skipped:
-            table.add_row(str(s["name"]), str(s["reason"]))
+            table.add_row(escape(str(s["name"])), escape(str(s["reason"])))
         tables.append(table)
     rollbacks = (report.get("extra") or {}).get("rollbacks") or []
     if rollbacks:
@@ -101,7 +108,7 @@ def _extras(report: dict[str, Any]) -> list[Table]:
         for col in ("window", "layers", "metric", "threshold"):
             table.add_column(col, justify="left" if col == "layers" else "right")
         for r in rollbacks:
-            table.add_row(str(r["window"]), ", ".join(r["keys"]), f"{r['metric']:.4f}",
-                          f"{r['threshold']:.4f}")
+            layers = escape(", ".join(map(str, r["keys"])))
+            table.add_row(str(r["window"]), layers, f"{r['metric']:.4f}", f"{r['threshold']:.4f}")
         tables.append(table)
     return tables

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from . import distributed
 from .batches import check_reiterable, first_batch, to_device
 from .config import CompressConfig, read_toml
-from .errors import CheckpointError, ConfigError, MesimpError, ShapeError
+from .errors import CheckpointError, ConfigError, DataError, MesimpError, ShapeError
 from .events import EventSink, emit
 from .outputs import OutputDir
 from .simplify import Simplifier
@@ -116,9 +117,13 @@ def _run(
 
     # one batch for the checks, the trace and the export (a shuffled loader yields another
     # first batch on every pass, so inputs and targets must come from the same one)
+    _check_values(model)
     check_reiterable(train, where="train data")
     check_reiterable(eval_data, where="eval data")
     example_inputs, example_targets = first_batch(train, where="train data")
+    if any(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 0 for x in example_inputs):
+        raise DataError("the first train batch has no examples: the model is traced and "
+                        "exported on it, so it must hold at least one")
     first_batch(eval_data, where="eval data")
     try:
         original, working = copy.deepcopy(model), copy.deepcopy(model)
@@ -308,6 +313,18 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _check_values(model: nn.Module) -> None:
+    """ConfigError for weights that hold no values (the meta device) or non-finite ones."""
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta:
+            raise ConfigError(
+                f"the model's '{name}' is on the meta device (it holds no values): build the "
+                "model with real weights, or load them (--weights) before compressing"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"the model's '{name}' holds NaN or infinite values")
+
+
 def _check_forward(
     model: nn.Module, inputs: tuple[Any, ...], targets: Any, loss: Any, metric: Any
 ) -> None:
@@ -317,6 +334,11 @@ def _check_forward(
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
     inputs, targets = to_device(inputs, device), to_device(targets, device)
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(
+            torch.isfinite(x).all()
+        ):
+            raise DataError(f"the first train batch: input {i} holds NaN or infinite values")
     try:
         with torch.no_grad():
             outputs = model(*inputs)
@@ -330,6 +352,11 @@ def _check_forward(
             f"the model failed on the first train batch (inputs {shapes}): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
+    if any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        for t in pytree.tree_leaves(outputs)
+    ):
+        raise DataError("the model's outputs on the first train batch are NaN or infinite")
     try:
         value = (loss or tasks.cross_entropy)(outputs, targets)
         tasks.metric_value((metric or tasks.accuracy)(outputs, targets), 1,

@@ -48,6 +48,30 @@ def user_code(what: str, where: str) -> Iterator[None]:
         raise DataError(f"{what} failed on {where}: {type(exc).__name__}: {first}") from exc
 
 
+def iterate(data: Iterable[Any], *, where: str) -> Iterator[Any]:
+    """The batches of ``data``; an exception raised by the data itself (a dataset's
+    ``__getitem__``, a collate function, a generator) becomes a DataError naming the batch."""
+    i = 0
+    try:
+        it = iter(data)
+    except Exception as exc:
+        raise DataError(f"{where} cannot be iterated: {type(exc).__name__}: {exc}") from exc
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except MesimpError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise DataError(
+                f"{where} failed while reading batch {i + 1}: {type(exc).__name__}: {first}"
+            ) from exc
+        yield batch
+        i += 1
+
+
 def to_device(value: Any, device: torch.device | str) -> Any:
     """Move tensors (nested in tuples/lists/dicts) to ``device``."""
     if isinstance(value, torch.Tensor):
@@ -82,7 +106,7 @@ def count_batches(data: Iterable[Any], *, where: str) -> int:
     try:
         n = len(data)  # type: ignore[arg-type]
     except TypeError:
-        n = sum(1 for _ in data)
+        n = sum(1 for _ in iterate(data, where=where))
     if n == 0:
         raise DataError(f"{where}: no batches")
     return n
@@ -90,6 +114,6 @@ def count_batches(data: Iterable[Any], *, where: str) -> int:
 
 def first_batch(data: Iterable[Any], *, where: str) -> tuple[tuple[Any, ...], Any]:
     """The first batch, split; DataError if there is none."""
-    for batch in data:
+    for batch in iterate(data, where=where):
         return split_batch(batch, where=where)
     raise DataError(f"{where}: no batches")

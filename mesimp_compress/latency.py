@@ -20,6 +20,7 @@ compressed model, it should run as fast: surgery must cost nothing at inference.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .config import MAX_THREADS
 from .errors import ConfigError, DataError, ShapeError
 from .events import EventSink, emit
 from .inputs import BATCH, SEQ, resize_inputs
@@ -128,14 +130,8 @@ def benchmark(
     labels = list(models)
     if len(labels) < 1:
         raise ConfigError("benchmark needs at least one model")
-    if not batches or any(int(b) < 1 for b in batches):
-        raise ConfigError(f"batch sizes must be positive ints, got {list(batches)}")
-    if not threads or any(int(t) < 1 for t in threads):
-        raise ConfigError(f"thread counts must be positive ints, got {list(threads)}")
-    if rounds < 1 or block < 1 or warmup < 0:
-        raise ConfigError(
-            f"need rounds >= 1, block >= 1, warmup >= 0 (got {rounds}, {block}, {warmup})"
-        )
+    check_settings(batches=batches, threads=threads, rounds=rounds, block=block,
+                   warmup=warmup, max_seconds=max_seconds, seq=seq)
     settings = {
         "warmup": warmup,
         "rounds": rounds,
@@ -164,6 +160,25 @@ def benchmark(
             result.rows.append(row)
             emit(sink, "bench_row", row=flat_row(row, result.baseline))
     return result
+
+
+def check_settings(*, batches: Sequence[int], threads: Sequence[int], rounds: int, block: int,
+                   warmup: int, max_seconds: float | None, seq: int | None) -> None:
+    """ConfigError naming the first benchmark setting that cannot be run."""
+    if not batches or any(int(b) < 1 for b in batches):
+        raise ConfigError(f"batch sizes must be positive ints, got {list(batches)}")
+    if not threads or any(not 1 <= int(t) <= MAX_THREADS for t in threads):
+        raise ConfigError(
+            f"thread counts must be ints in [1, {MAX_THREADS}], got {list(threads)}"
+        )
+    if rounds < 1 or block < 1 or warmup < 0:
+        raise ConfigError(
+            f"need rounds >= 1, block >= 1, warmup >= 0 (got {rounds}, {block}, {warmup})"
+        )
+    if max_seconds is not None and not 0 <= max_seconds < math.inf:
+        raise ConfigError(f"max_seconds must be a finite number of seconds >= 0, got {max_seconds}")
+    if seq is not None and seq < 1:
+        raise ConfigError(f"the sequence length must be >= 1, got {seq}")
 
 
 def _measure(

@@ -17,6 +17,9 @@ from typing import Any
 
 from .errors import OutputError, OutputExistsError
 
+NAME_MAX = 255  # bytes in one path component on the usual file systems
+SIBLING_EXTRA = 24  # what the hidden siblings add to the name: ".NAME.partial-XXXXXXXX"
+
 
 class OutputDir:
     """Stage files for ``path`` and publish them atomically with :meth:`commit`."""
@@ -24,6 +27,16 @@ class OutputDir:
     def __init__(self, path: str | Path, *, force: bool = False) -> None:
         self.path = Path(path)
         self.force = force
+        if self.path.name in ("", ".", ".."):
+            raise OutputError(
+                f"the output must name a folder to create or replace, not {str(path)!r} "
+                "(the run writes hidden siblings beside it and replaces it whole)"
+            )
+        if len(os.fsencode(self.path.name)) > NAME_MAX - SIBLING_EXTRA:
+            raise OutputError(
+                f"the output folder name is too long ({len(self.path.name)} characters): the "
+                "hidden folders written beside it would pass the file system's limit"
+            )
         if self.path.exists():
             if not self.path.is_dir():
                 raise OutputExistsError(f"output path {self.path} exists and is not a directory")

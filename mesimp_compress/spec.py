@@ -15,6 +15,7 @@ import os
 import pickle  # only for its error type: weights are read with weights_only=True by default
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -82,7 +83,9 @@ def load_weights(
     if not file.is_file():
         raise CheckpointError(f"weights file {str(file)!r} does not exist or is not a file")
     try:
-        loaded = torch.load(file, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # torch warns about legacy pickles: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = torch.load(file, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found and not trust_pickle:

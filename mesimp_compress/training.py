@@ -20,11 +20,11 @@ from torch import nn
 
 from . import tasks
 from .activity import ActivityTracker
-from .batches import batch_size, count_batches, split_batch, to_device, user_code
+from .batches import batch_size, count_batches, iterate, split_batch, to_device, user_code
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import CompressConfig
 from .distributed import World, wrap
-from .errors import ConfigError, NonFiniteLossError, ShapeError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from .events import EventSink, emit
 from .features import captured, layer_loss, matched_layers
 from .meprop import apply_meprop, remove_meprop, set_k
@@ -86,7 +86,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
     model.eval()
     total = count = 0.0
     try:
-        for i, batch in enumerate(data):
+        for i, batch in enumerate(iterate(data, where="eval data")):
             inputs, targets = split_batch(batch, where="eval data")
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             where = f"eval batch {i + 1}"
@@ -273,7 +273,7 @@ class FineTuner:
             skipped=skip,
         )
         running, seen, in_window = 0.0, 0, 0
-        for i, batch in enumerate(self.train_data):
+        for i, batch in enumerate(iterate(self.train_data, where=f"train data (epoch {epoch})")):
             if i < skip:
                 if i == skip - 1 and rng is not None:
                     set_rng_state(rng)  # the generators as they were at the checkpoint
@@ -435,6 +435,7 @@ class FineTuner:
         self.checkpointer.save(
             {
                 "config": self.cfg.to_dict(),
+                "data": self._data_signature(),
                 "epoch": epoch,
                 "batch": batch,
                 "window": self.window_index,
@@ -454,8 +455,24 @@ class FineTuner:
         )
         emit(self.sink, "checkpoint", epoch=epoch, batch=batch, window=self.window_index)
 
+    def _data_signature(self) -> dict[str, Any]:
+        """What a resume must find unchanged in the train data: batches per epoch and, for a
+        DataLoader, the number of examples."""
+        try:
+            examples = len(self.train_data.dataset)  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            examples = None
+        return {"batches": self.n_batches, "examples": examples}
+
     def _restore(self, state: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
         """Bring the freshly wrapped full-size model to the checkpoint; return the position."""
+        saved, now = state.get("data"), self._data_signature()
+        if saved is not None and saved != now:
+            raise CheckpointError(
+                f"the checkpoint was made on other train data ({saved['batches']} batches per "
+                f"epoch, {saved['examples']} examples; now {now['batches']}, "
+                f"{now['examples']}): resume with the data it was made on"
+            )
         pristine = copy.deepcopy(self.model) if state.get("guard") else None
         self.simp.replay(self.model, Plan.from_dict(state["plan"]))
         self.model.load_state_dict(state["model"])

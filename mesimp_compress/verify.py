@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import tasks
-from .batches import batch_size, split_batch, user_code
+from .batches import batch_size, iterate, split_batch, user_code
 from .errors import ConfigError, ExportError, ParityError, ShapeError
 from .inputs import on_device_of, resize_inputs
 
@@ -258,7 +258,7 @@ def parity_inputs(
     """Inputs of up to ``max_batches`` real batches of ``data``, plus the first batch resized
     to each size in ``resize_to`` (so the dynamic batch axis is exercised too)."""
     picked: list[tuple[torch.Tensor, ...]] = []
-    for batch in data:
+    for batch in iterate(data, where="eval data"):
         inputs, _ = split_batch(batch, where="eval data")
         picked.append(tuple(x.cpu() for x in inputs))
         if len(picked) >= max_batches:
@@ -285,7 +285,7 @@ def evaluate_onnx(
     session = session_of(onnx_model)
     metric = metric or tasks.accuracy
     total = count = 0.0
-    for i, batch in enumerate(data):
+    for i, batch in enumerate(iterate(data, where="eval data")):
         inputs, targets = split_batch(batch, where="eval data")
         flat = run_onnx(session, inputs, input_names, where=f"eval batch {i + 1}")
         outs = [torch.from_numpy(np.asarray(o)) for o in flat]

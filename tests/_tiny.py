@@ -221,3 +221,50 @@ def raising_data():
 def generator_data():
     train, evaluation = mlp_data()
     return iter(train), iter(evaluation)
+
+
+class _Failing:
+    """Re-iterable batches whose reading fails at batch ``at`` (1-based), like a dataset
+    whose records go bad."""
+
+    def __init__(self, batches, at: int) -> None:
+        self.batches, self.at = batches, at
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i + 1 == self.at:
+                raise ValueError(f"record {i} is corrupt")
+            yield batch
+
+
+def failing_data():
+    train, evaluation = mlp_data()
+    return _Failing(train, at=4), evaluation
+
+
+def nan_inputs_data():
+    train, evaluation = mlp_data()
+    x, y = train[0]
+    return [(x.clone().fill_(float("nan")), y), *train[1:]], evaluation
+
+
+def empty_first_batch_data():
+    train, evaluation = mlp_data()
+    x, y = train[0]
+    return [(x[:0], y[:0]), *train], evaluation
+
+
+# ---------------------------------------------------------------------- bad models
+def meta_mlp() -> nn.Module:
+    with torch.device("meta"):
+        return mlp()
+
+
+def nan_mlp() -> nn.Module:
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    return model

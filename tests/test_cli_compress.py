@@ -86,7 +86,7 @@ def test_inspect_prints_the_saved_report(compressed) -> None:
 def test_inspect_shows_a_failed_report_with_its_rollbacks(tmp_path) -> None:
     report = {
         "format": "mesimp-report", "version": 1, "status": "failed",
-        "error": "compressed: onnxruntime output 'output' differs", "layers": [],
+        "error": "compressed: onnxruntime output 'output' [bold]differs[/bold]", "layers": [],
         "metrics": {"torch_before": 0.9, "torch_after": 0.8}, "skipped": [],
         "extra": {"rollbacks": [{"window": 3, "keys": ["fc1"], "metric": 0.5,
                                  "threshold": 0.85}]},
@@ -94,15 +94,18 @@ def test_inspect_shows_a_failed_report_with_its_rollbacks(tmp_path) -> None:
     (tmp_path / "report.json").write_text(json.dumps(report))
     shown = runner.invoke(app, ["inspect", str(tmp_path)])
     assert shown.exit_code == 0, shown.output
-    for word in ("failed", "differs", "rollbacks", "fc1", "0.8500", "0.9000"):
-        assert word in shown.stdout
+    for word in ("failed", "[bold]differs[/bold]", "rollbacks", "fc1", "0.8500", "0.9000"):
+        assert word in shown.stdout  # a report's strings are shown as written, not as markup
 
 
 @pytest.mark.parametrize("content, word", [
     (None, "no report.json"),
     ("{not json", "cannot read"),
     ('{"format": "something-else"}', "not a mesimp report"),
-    ('{"format": "mesimp-report", "layers": [{"name": "x"}]}', "malformed"),
+    ('{"format": "mesimp-report", "version": 1, "layers": [{"name": "x"}]}', "malformed"),
+    ('{"format": "mesimp-report", "version": 99}', "version 99"),
+    ('{"format": "mesimp-report", "version": 1, "extra": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "RecursionError"),
 ])
 def test_inspect_refuses_a_missing_or_garbled_report(tmp_path, content, word) -> None:
     if content is not None:

@@ -223,6 +223,13 @@ def test_bench_errors(onnx_pair, tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1
     folder = runner.invoke(app, ["bench", str(a), str(tmp_path)])
     assert folder.exit_code == 2 and "is a folder" in folder.stderr
+    for args, says in ((["--threads", "1000000"], "thread counts must be ints in [1, 1024]"),
+                       (["--max-seconds", "-1"], "max_seconds must be a finite number"),
+                       (["--max-seconds", "nan"], "max_seconds must be a finite number"),
+                       (["--seq", "0"], "sequence length must be >= 1")):
+        refused = runner.invoke(app, ["bench", str(a), str(a), *args])
+        assert refused.exit_code == 2 and says in refused.stderr, refused.output
+        assert len(refused.stderr.strip().splitlines()) == 1  # nothing printed before it
 
 
 def _positions_onnx(path) -> str:

@@ -65,3 +65,9 @@ def test_a_torch_device_is_taken_as_its_name_and_the_metric_direction_is_a_bool(
     assert CompressConfig.from_dict({"greater-is-better": False}).greater_is_better is False
     with pytest.raises(ConfigError, match="greater_is_better must be true or false"):
         CompressConfig.from_dict({"greater_is_better": "no"})
+
+
+def test_a_recipe_saved_with_a_byte_order_mark_reads(tmp_path):
+    recipe = tmp_path / "bom.toml"
+    recipe.write_bytes("\ufeffk = 8\n".encode())
+    assert CompressConfig.from_toml(recipe).k == 8

@@ -241,3 +241,23 @@ def test_a_resumed_run_with_a_pending_rollback_matches_the_uninterrupted_one(tmp
     resumed = mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=tmp_path,
                           resume=True)
     assert summary(resumed) == reference
+
+
+def test_a_resume_on_other_train_data_is_refused(tmp_path) -> None:
+    import mesimp_compress as mc
+    from mesimp_compress.errors import CheckpointError
+
+    train, evaluation = _tiny.mlp_data()
+    cfg = dict(BASE, k=6, window=0.25)
+
+    def stop(event: Event) -> None:
+        if event.kind == "checkpoint":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mc.compress(_tiny.mlp(), train, evaluation, config=cfg, checkpoint_dir=tmp_path,
+                    sink=stop)
+    with pytest.raises(CheckpointError, match="made on other train data \\(8 batches per "
+                                              "epoch, None examples; now 4, None\\)"):
+        mc.compress(_tiny.mlp(), train[:4], evaluation, config=cfg, checkpoint_dir=tmp_path,
+                    resume=True)

@@ -94,7 +94,7 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
             if not self.enabled or not args:
                 return
             x = args[0].data if isinstance(args[0], PackedSequence) else args[0]
-            if not isinstance(x, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or x.numel() == 0:  # an empty batch adds nothing
                 return
             with torch.no_grad():
                 x = x.detach()
