@@ -113,8 +113,14 @@ class CompressConfig:
         _choice("compensate", self.compensate, COMPENSATE)
         _range("prune_rate", self.prune_rate, 0.0, 1.0, low_open=False)
         _range("window", self.window, 0.0, 1.0, low_open=True)
-        _int_min("epochs", self.epochs, 0)
-        _int_min("cycles", self.cycles, 0)
+        for name in ("epochs", "cycles"):
+            if _is_int(getattr(self, name)) and getattr(self, name) == 0:
+                raise ConfigError(
+                    f"{name} = 0 leaves no pruning epoch, so nothing would be pruned; "
+                    "`mesimp export` exports a model as it is"
+                )
+        _int_min("epochs", self.epochs, 1)
+        _int_min("cycles", self.cycles, 1)
         _int_min("recovery_epochs", self.recovery_epochs, 0)
         _range("lr", self.lr, 0.0, math.inf, low_open=True)
         _range("weight_decay", self.weight_decay, 0.0, math.inf, low_open=False)

@@ -139,6 +139,7 @@ CASES = [
     ("nothing-prunable", T("only_head"), T("mlp_data"), [], "no layer of this model can be pruned"),
     ("include-matches-nothing", T("mlp"), T("mlp_data"), ["--include", "encoder.*"],
      "--include"),
+    ("epochs-zero", T("mlp"), T("mlp_data"), ["--epochs", "0"], "nothing would be pruned"),
     ("model-on-meta", T("meta_mlp"), T("mlp_data"), [], "'0.weight' is on the meta device"),
     ("model-inf-weight", T("nan_mlp"), T("mlp_data"), [], "'2.weight' holds NaN or infinite"),
     ("data-fails-while-read", T("mlp"), T("failing_data"), [],
