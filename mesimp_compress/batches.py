@@ -94,7 +94,14 @@ def batch_size(inputs: tuple[Any, ...]) -> int:
 def check_reiterable(data: Iterable[Any], *, where: str) -> None:
     """DataError for a one-shot iterator (a generator): the data is read once per epoch and
     once per evaluation, so it must be re-iterable."""
-    if iter(data) is data:
+    try:
+        one_shot = iter(data) is data
+    except TypeError:
+        raise DataError(
+            f"{where}: expected an iterable of (inputs, targets) batches (a DataLoader or a "
+            f"list), got {type(data).__name__}"
+        ) from None
+    if one_shot:
         raise DataError(
             f"{where}: data must be re-iterable (a DataLoader or a list), got a one-shot iterator"
         )

@@ -123,8 +123,15 @@ class Simplifier:
         return [t for t in self.structure.tied_sets() if any(k in self._keys for k in t)]
 
     def skipped(self) -> list[dict[str, str]]:
-        """Keys and modules left alone, each with the reason."""
-        return [{"name": s.name, "reason": s.reason} for s in self.structure.skipped]
+        """Keys and modules left alone, each with the reason (``include`` leaves out the
+        prunable keys it does not match)."""
+        left = [{"name": s.name, "reason": s.reason} for s in self.structure.skipped]
+        patterns = ", ".join(self.cfg.include or [])
+        return left + [
+            {"name": key, "reason": f"not matched by include ({patterns})"}
+            for key in self.structure.groups
+            if key not in self._keys
+        ]
 
     def kept_original(self) -> dict[str, list[int]]:
         """Kept units of every prunable key, in the original model's indexing."""

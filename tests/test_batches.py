@@ -28,3 +28,10 @@ def test_generators_and_empty_data_are_refused():
     with pytest.raises(DataError, match="no batches"):
         first_batch([], where="eval data")
     assert count_batches([(torch.zeros(1), torch.zeros(1))] * 3, where="x") == 3
+
+
+def test_data_that_is_not_iterable_is_a_data_error():
+    from mesimp_compress.batches import check_reiterable
+
+    with pytest.raises(DataError, match="eval data: expected an iterable .* got int"):
+        check_reiterable(5, where="eval data")

@@ -113,3 +113,10 @@ def test_the_output_layer_is_the_one_whose_units_reach_the_output() -> None:
     assert set(simplifier.prunable_keys()) == {"fc1", "fc2"}
     named = Simplifier.build(HeadFirst(), torch.randn(4, 12), CompressConfig(output_layer="fc2"))
     assert named.output_layer == "fc2"  # a named output layer wins
+
+
+def test_keys_include_leaves_out_are_listed_as_left_alone_with_the_reason() -> None:
+    simplifier = Simplifier.build(_tiny.mlp(), torch.randn(4, 12), CompressConfig(include=["0"]))
+    assert simplifier.widths() == {"0": 32}
+    assert {"name": "2", "reason": "not matched by include (0)"} in simplifier.skipped()
+    simplifier.detach_means()
