@@ -7,6 +7,7 @@ target untouched (and removes its staging folder).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 from .errors import OutputError, OutputExistsError
 
 NAME_MAX = 255  # bytes in one path component on the usual file systems
-SIBLING_EXTRA = 24  # what the hidden siblings add to the name: ".NAME.partial-XXXXXXXX"
+SIBLING_EXTRA = 32  # what the hidden siblings add to the name: ".NAME.partial-PID-XXXXXXXX"
 
 
 class OutputDir:
@@ -57,13 +58,24 @@ class OutputDir:
             raise OutputError(f"cannot write the output into {parent}: not a writable folder")
         self._staging: Path | None = None
         self.published = False  # set by commit()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove the hidden siblings a killed run left (its staging or replaced folder):
+        those named with the id of a process that no longer runs."""
+        for sibling in self.path.parent.glob(f".{glob.escape(self.path.name)}.*-*"):
+            kind, _, rest = sibling.name[len(self.path.name) + 2:].partition("-")
+            pid = rest.split("-", 1)[0]
+            if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(sibling, ignore_errors=True)
 
     @property
     def staging(self) -> Path:
         """The folder files are written into before commit."""
         if self._staging is None:
             self._staging = Path(
-                tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent)
+                tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-",
+                                 dir=self.path.parent)
             )
         return self._staging
 
@@ -127,3 +139,16 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return list(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (this one always does)."""
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or no way to ask: leave its files alone
+        return True
+    return True

@@ -65,3 +65,18 @@ def test_a_file_where_a_parent_folder_should_be_is_refused(tmp_path):
             OutputDir(target)
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
     assert issubclass(OutputExistsError, OutputError)
+
+
+def test_siblings_a_killed_run_left_are_swept_and_others_kept(tmp_path):
+    import os
+
+    dead = 4_194_303  # above any pid in use here (pid_max is 4194304 at most)
+    left = [tmp_path / f".out.partial-{dead}-abcd1234", tmp_path / f".out.old-{dead}"]
+    kept = [tmp_path / f".out.partial-{os.getpid()}-efgh5678",  # a live run's staging
+            tmp_path / f".other.partial-{dead}-abcd1234",  # another output's
+            tmp_path / ".out.checkpoint"]  # what --resume needs
+    for folder in left + kept:
+        folder.mkdir()
+    OutputDir(tmp_path / "out")
+    assert [p.exists() for p in left] == [False, False]
+    assert all(p.exists() for p in kept)
