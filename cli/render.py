@@ -127,34 +127,40 @@ def summary_table(report: dict[str, Any]) -> list[Table]:
         )
     tables.append(layers)
 
-    metrics = Table(title="metric and parity", title_justify="left")
-    for col in ("", "original", "compressed"):
-        metrics.add_column(col, justify="right" if col else "left")
     m = report.get("metrics", {})
+    latency = report.get("latency", {}).get("rows", [])
+    int8 = m.get("int8") is not None or any("int8_median_ms" in row for row in latency)
+    metrics = Table(title="metric and parity", title_justify="left")
+    for col in ("", "original", "compressed", *(["int8"] if int8 else [])):
+        metrics.add_column(col, justify="right" if col else "left")
     for label, key in (("PyTorch", "torch"), ("onnxruntime", "ort")):
         before, after = m.get(f"{key}_before"), m.get(f"{key}_after")
         if before is not None or after is not None:
-            metrics.add_row(f"metric ({label})", _fmt(before), _fmt(after))
+            extra = [_fmt(m.get("int8")) if key == "ort" else "-"] if int8 else []
+            metrics.add_row(f"metric ({label})", _fmt(before), _fmt(after), *extra)
     for name, p in report.get("parity", {}).items():
         metrics.add_row(
             f"parity {name} max abs",
             _fmt(p.get("original_max_abs")),
             _fmt(p.get("compressed_max_abs")),
+            *([_fmt(p.get("int8_max_abs"))] if int8 else []),
         )
     tables.append(metrics)
 
-    latency = report.get("latency", {}).get("rows", [])
     if latency:
         lat = Table(title="onnxruntime latency (ms, median / p90)", title_justify="left")
-        for col in ("threads", "batch", "original", "compressed", "speedup"):
+        models = ["original", "compressed", *(["int8"] if int8 else [])]
+        for col in ("threads", "batch", *models, "speedup", *(["int8 speedup"] if int8 else [])):
             lat.add_column(col, justify="right")
         for row in latency:
             lat.add_row(
                 str(row.get("threads", "")),
                 str(row["batch"]),
-                f"{row['original_median_ms']:.3f} / {row['original_p90_ms']:.3f}",
-                f"{row['compressed_median_ms']:.3f} / {row['compressed_p90_ms']:.3f}",
+                *(f"{row[f'{name}_median_ms']:.3f} / {row[f'{name}_p90_ms']:.3f}"
+                  if f"{name}_median_ms" in row else "-" for name in models),
                 f"{row['speedup']:.2f}x",
+                *([f"{row['int8_speedup']:.2f}x" if "int8_speedup" in row else "-"]
+                  if int8 else []),
             )
         tables.append(lat)
     return tables

@@ -114,3 +114,22 @@ def test_inspect_refuses_a_missing_or_garbled_report(tmp_path, content, word) ->
     assert shown.exit_code == 2
     assert word in shown.stderr and len(shown.stderr.strip().splitlines()) == 1
     assert "Traceback" not in shown.output
+
+
+def test_inspect_shows_the_int8_model_when_the_report_has_one(tmp_path) -> None:
+    row = {"batch": 1, "threads": 1, "speedup": 2.0, "int8_speedup": 3.5}
+    for name, ms in (("original", 0.4), ("compressed", 0.2), ("int8", 0.1142)):
+        row |= {f"{name}_median_ms": ms, f"{name}_p90_ms": ms}
+    report = {
+        "format": "mesimp-report", "version": 1, "status": "ok", "layers": [],
+        "metrics": {"torch_before": 0.9, "torch_after": 0.89, "ort_before": 0.9,
+                    "ort_after": 0.89, "int8": 0.8765},
+        "parity": {"output": {"original_max_abs": 1e-7, "compressed_max_abs": 2e-7,
+                              "int8_max_abs": 0.0123}},
+        "latency": {"rows": [row]}, "skipped": [],
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    shown = runner.invoke(app, ["inspect", str(tmp_path)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    for word in ("int8", "0.8765", "0.0123", "0.114", "3.50x"):
+        assert word in shown.stdout
