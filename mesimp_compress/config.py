@@ -37,6 +37,8 @@ class CompressConfig:
     """meProp top-k per layer: an int, or a fraction of the layer's width. With unified
     top-k the width converges to k, so k is in effect the target width."""
     mode: str = "unified"
+    """meProp top-k: "unified" (one top-k over |dy| summed over the batch, shared by it) or
+    "per_example" (each example its own top-k, as in the paper's CPU code)."""
     prune_rate: float = 0.1
     """A unit with hits < prune_rate * examples_in_window is removed after each window."""
     window: float = 0.125
@@ -48,20 +50,29 @@ class CompressConfig:
     recovery_epochs: int = 2
     """Extra normal epochs after the last cycle (recovery fine-tuning)."""
     lr: float = 1e-3
+    """Learning rate of the fine-tuning optimizer."""
     optimizer: str = "adam"
+    """"adam", "adamw" or "sgd" (momentum 0.9)."""
     weight_decay: float = 0.0
+    """L2 weight decay (adamw: decoupled)."""
     sparse_update: bool = False
     """Row-sparse optimizer step during meProp phases (only rows with a gradient move)."""
     normal_backprop: str = "dense"
     """Backprop in normal cycles: "dense" (measured better) or "meprop" (the paper)."""
     sparse_bias: bool = False
+    """Give the bias the top-k gradient too (default: dense, as in the paper)."""
     min_width: int = 4
+    """Never shrink a layer below this many units."""
     round_to: int = 1
     """Round kept widths up to a multiple of this (8 or 16 suit ORT's kernels)."""
     include: list[str] = field(default_factory=list)
+    """Module-name patterns (fnmatch) of the layers to prune; empty: every prunable layer."""
     exclude: list[str] = field(default_factory=list)
+    """Module-name patterns of layers to leave alone."""
     output_layer: str | None = None
+    """The model's output layer, never pruned (None: found from the trace)."""
     allow_residual: bool = False
+    """Prune units coupled through residual adds (every writer shares one index set)."""
     compensate: str = "linear"
     """What the layers reading removed units get instead: "off" (nothing), "mean" (their
     mean, folded into the consumer's bias) or "linear" (their least-squares prediction
@@ -75,7 +86,9 @@ class CompressConfig:
     distillation: relative squared error, weight ``layer_weight``); for layers whose output
     keeps its width, e.g. ``"encoder.layer.*"`` of a transformer whose FFNs are pruned."""
     layer_weight: float = 1.0
+    """Weight of the layer distillation loss."""
     temperature: float = 2.0
+    """Softmax temperature of the distillation from the original's logits."""
     max_drop: float | None = None
     """Roll back a prune whose metric falls more than this below the original (rises above
     it, with ``greater_is_better = false``)."""
@@ -86,17 +99,26 @@ class CompressConfig:
     """Whether a higher metric is better (accuracy, cosine) or a lower one (error, loss,
     perplexity): the direction max_drop measures a drop in."""
     device: str = "cpu"
+    """Where to fine-tune: "cpu", "cuda", "cuda:N" (or a torch.device)."""
     threads: int | None = None
+    """torch threads for fine-tuning (None: torch's default)."""
     seed: int = 0
+    """Seed of every random generator the run uses."""
     batches: list[int] = field(default_factory=lambda: [1, 8, 64])
     """Batch sizes of the latency benchmark."""
     bench_threads: int = 1
+    """A thread count to time at besides 1 and every core (the benchmark runs each of
+    {1, bench_threads, cpu_count})."""
     bench_seq: int | None = None
     """Sequence length of the latency benchmark (None: that of the first training batch)."""
     quantize: bool = False
+    """Also export, check and time a dynamically quantised int8 model of the result."""
     opset: int | None = None
+    """ONNX opset to export with (None: the exporter's default)."""
     atol: float = 1e-4
+    """Parity: absolute tolerance of onnxruntime against PyTorch."""
     rtol: float = 1e-3
+    """Parity: relative tolerance (|ort - torch| <= atol + rtol * |torch|)."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -17,19 +17,22 @@ Schema (version 1); a key whose value is unknown holds ``null``::
     metrics              {"name", "torch_before", "torch_after", "ort_before", "ort_after",
                           "int8"}: the task metric of each model (PyTorch and onnxruntime)
     parity               per output name: original_max_abs, original_max_rel,
-                         compressed_max_abs, compressed_max_rel (and int8_..., reference_...)
+                         compressed_max_abs, compressed_max_rel (and int8_... with quantize)
     parity_checks        per checked model: label, atol, rtol, batches, passed, outputs[]
     latency              models, baseline, settings, rows[]: per (threads, batch): batch,
                          seq, threads, {model}_median_ms, {model}_p10_ms, {model}_p90_ms,
                          speedup (compressed over original) with speedup_low/high
                          (p10..p90 of per-round ratios), {model}_speedup..., and
                          compressed_vs_reference (median compressed / median reference)
-    export               per model: path, exporter, opset, inputs, outputs, dynamic axes,
-                         initializers, file_bytes, fallback_reason
+    export               per model: path, exporter, opset, input_names, output_names,
+                         dynamic_axes, initializers, initializer_elements, file_bytes,
+                         fallback_reason
     skipped              layers left alone, with the reason
     versions             python, torch, onnx, onnxruntime, onnxscript, numpy, mesimp_compress
     machine              platform, cpu, cpu_count, torch_threads, bench_threads
     extra                anything else the caller adds
+    metric_before,       {"torch", "onnxruntime"}: the metric of the original and of the
+    metric_after         compressed model (the same numbers as in metrics, by model)
 """
 
 from __future__ import annotations
