@@ -309,7 +309,11 @@ def _value(text: str) -> Any:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Any CompressConfig key may follow as --key value (e.g. --epochs 1 "
+        "--compensate mean); it overrides the library default for every run.",
+    )
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--levers", action="store_true", help="one change at a time (first seed)")

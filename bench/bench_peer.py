@@ -138,7 +138,11 @@ def compare(seed: int, threads: int, peer_distill: bool,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Any CompressConfig key may follow as --key value (e.g. --epochs 1 "
+        "--compensate mean); it overrides the library default for every run.",
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--peer-distill", action="store_true",

@@ -273,7 +273,8 @@ class FineTuner:
             skipped=skip,
         )
         running, seen, in_window = 0.0, 0, 0
-        for i, batch in enumerate(iterate(self.train_data, where=f"train data (epoch {epoch})")):
+        batches = iterate(self.train_data, where=f"train data (epoch {epoch + 1})")
+        for i, batch in enumerate(batches):
             if i < skip:
                 if i == skip - 1 and rng is not None:
                     set_rng_state(rng)  # the generators as they were at the checkpoint
@@ -297,7 +298,7 @@ class FineTuner:
     def _train_step(self, batch: Any, epoch: int, index: int) -> float:
         inputs, targets = split_batch(batch, where="train data")
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-        where = f"train batch {index + 1} (epoch {epoch})"
+        where = f"train batch {index + 1} (epoch {epoch + 1})"
         with captured(self.model, self.layers) as mine, captured(
             self.teacher, self.layers
         ) as theirs:
@@ -318,7 +319,7 @@ class FineTuner:
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(
-                f"loss became {value} at epoch {epoch}, window {self.window_index}, "
+                f"loss became {value} at epoch {epoch + 1}, window {self.window_index}, "
                 f"step {self.step}; "
                 "lower the learning rate or check the data"
             )

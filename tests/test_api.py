@@ -150,8 +150,8 @@ def test_an_export_failure_leaves_no_folder_and_no_staging(tmp_path, data, monke
 @pytest.mark.parametrize(
     ("spoil", "message"),
     [
-        ("label", r"the loss failed on train batch 3 \(epoch 0\): IndexError"),
-        ("shape", r"the model failed on train batch 3 \(epoch 0\): RuntimeError"),
+        ("label", r"the loss failed on train batch 3 \(epoch 1\): IndexError"),
+        ("shape", r"the model failed on train batch 3 \(epoch 1\): RuntimeError"),
         ("eval", r"the model failed on eval batch 2: RuntimeError"),
     ],
 )
@@ -192,9 +192,9 @@ def _loss_of_kind(kind: str):
     ("kind", "says"),
     [
         ("vector", "the loss must return a scalar float tensor; got a torch.float32 tensor of "
-                   "shape (3,) on train batch 2 (epoch 0)"),
-        ("detached", "the loss on train batch 2 (epoch 0) does not depend on"),
-        ("float", "got a float on train batch 2 (epoch 0)"),
+                   "shape (3,) on train batch 2 (epoch 1)"),
+        ("detached", "the loss on train batch 2 (epoch 1) does not depend on"),
+        ("float", "got a float on train batch 2 (epoch 1)"),
     ],
 )
 def test_a_loss_that_cannot_train_on_a_later_batch_is_a_data_error(data, kind, says) -> None:

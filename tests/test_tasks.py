@@ -75,8 +75,8 @@ def test_metric_value_refuses_other_returns_naming_the_batch(value, says):
 )
 def test_check_loss_refuses_what_cannot_train(loss, says):
     with pytest.raises(DataError, match=re.escape(says)):
-        tasks.check_loss(loss, "train batch 2 (epoch 0)")
-    tasks.check_loss(torch.ones(1, requires_grad=True).sum(), "train batch 2 (epoch 0)")
+        tasks.check_loss(loss, "train batch 2 (epoch 1)")
+    tasks.check_loss(torch.ones(1, requires_grad=True).sum(), "train batch 2 (epoch 1)")
 
 
 def test_distillation_of_a_structured_output_sums_its_float_leaves():
