@@ -112,7 +112,7 @@ def count_batches(data: Iterable[Any], *, where: str) -> int:
     check_reiterable(data, where=where)
     try:
         n = len(data)  # type: ignore[arg-type]
-    except TypeError:
+    except Exception:  # noqa: BLE001 - no length (or a failing one): count a pass
         n = sum(1 for _ in iterate(data, where=where))
     if n == 0:
         raise DataError(f"{where}: no batches")

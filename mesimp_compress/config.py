@@ -338,8 +338,8 @@ def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
 
 
 def _range(name: str, value: Any, low: float, high: float, *, low_open: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     ok_low = value > low if low_open else value >= low
     if not ok_low or value > high:
         bracket = "(" if low_open else "["

@@ -83,7 +83,8 @@ class Simplifier:
         simplifier = cls(model, structure, config)
         if not simplifier._keys:
             simplifier.detach_means(model)
-            reasons = "; ".join(f"{s.name}: {s.reason}" for s in structure.skipped[:6]) or "none"
+            left = simplifier.skipped()[:6]
+            reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in left) or "none"
             hint = " (no key matches --include)" if config.include and structure.groups else ""
             raise UnsupportedStructureError(
                 f"no layer of this model can be pruned{hint}; left alone: {reasons}"

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
@@ -139,14 +140,27 @@ def metric_value(
     return total, count
 
 
+def mean_of(total: float, count: float) -> float:
+    """The metric over the eval data: its summed values over the examples it counted."""
+    if count <= 0:
+        raise DataError(
+            f"the metric counted {count:g} examples over the whole eval data (every batch "
+            "gave a count of 0?); return a number or a pair (sum, count) with count > 0"
+        )
+    return total / count
+
+
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value)
-    if isinstance(value, (int, float)) or (
-        hasattr(value, "__float__") and not isinstance(value, (str, bytes, torch.Tensor))
+    arrays = (torch.Tensor, np.ndarray)
+    if isinstance(value, arrays):
+        count = value.numel() if isinstance(value, torch.Tensor) else value.size
+        if count == 1:
+            return float(value.reshape(-1)[0])
+    elif isinstance(value, (int, float, np.number)) or (
+        hasattr(value, "__float__") and not isinstance(value, (str, bytes))
     ):
         return float(value)
-    shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+    shape = f" of shape {tuple(value.shape)}" if isinstance(value, arrays) else ""
     raise DataError(
         f"the metric returned {type(value).__name__}{shape} on {where}; return a number "
         "(the batch mean) or a pair (sum, count)"

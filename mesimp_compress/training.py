@@ -99,7 +99,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
             count += c
     finally:
         model.train(was_training)
-    return total / count if count else float("nan")
+    return tasks.mean_of(total, count)
 
 
 class FineTuner:

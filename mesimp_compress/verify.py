@@ -299,7 +299,7 @@ def evaluate_onnx(
                                   where=f"eval batch {i + 1} (onnxruntime outputs)")
         total += s
         count += c
-    return total / count if count else float("nan")
+    return tasks.mean_of(total, count)
 
 
 def evaluate_torch(model: nn.Module, data: Iterable[Any], metric: Any = None) -> float:

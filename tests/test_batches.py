@@ -35,3 +35,13 @@ def test_data_that_is_not_iterable_is_a_data_error():
 
     with pytest.raises(DataError, match="eval data: expected an iterable .* got int"):
         check_reiterable(5, where="eval data")
+
+
+def test_a_length_that_fails_is_counted_by_a_pass_instead():
+    from mesimp_compress.batches import count_batches
+
+    class NoLen(list):
+        def __len__(self):
+            raise RuntimeError("no len")
+
+    assert count_batches(NoLen([1, 2, 3]), where="train data") == 3

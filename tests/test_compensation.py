@@ -186,3 +186,33 @@ def test_lstm_hidden_units_are_noted_not_compensated() -> None:
     report = apply_plan(model, plan, compensation=means)
     assert sorted(report.compensated) == ["lstm", "out"]
     assert any("'lstm' hidden units" in n for n in report.notes)
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoder with a padding mask: in eval it runs on nested tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 16, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens, pad):
+        keep = (~pad).unsqueeze(-1).float()
+        return self.head((self.enc(self.emb(tokens), src_key_padding_mask=pad) * keep).sum(1))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_compensation_statistics_read_the_real_tokens_of_nested_tensors():
+    from mesimp_compress.surgery.compensation import ActivationMeans
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    tokens = torch.randint(1, 30, (4, 6))
+    pad = torch.arange(6)[None] >= torch.tensor([6, 3, 4, 2])[:, None]
+    means = ActivationMeans(model, ["enc.layers.0.linear2"], covariance=True)
+    with torch.no_grad():
+        model(tokens.masked_fill(pad, 0), pad)  # the fast path hands linear2 a nested tensor
+    means.close()
+    assert means._counts["enc.layers.0.linear2"] == 6 + 3 + 4 + 2  # the real tokens only

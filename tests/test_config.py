@@ -71,3 +71,9 @@ def test_a_recipe_saved_with_a_byte_order_mark_reads(tmp_path):
     recipe = tmp_path / "bom.toml"
     recipe.write_bytes("\ufeffk = 8\n".encode())
     assert CompressConfig.from_toml(recipe).k == 8
+
+
+@pytest.mark.parametrize("key", ["atol", "rtol", "lr", "distill", "max_drop"])
+def test_infinite_numbers_are_refused(key):
+    with pytest.raises(ConfigError, match=f"{key} must be a finite number, got inf"):
+        CompressConfig(**{key: float("inf")})

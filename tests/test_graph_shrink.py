@@ -149,3 +149,38 @@ def test_a_zero_pad_along_the_units_and_a_reflect_pad_of_the_pixels_are_followed
     assert set(structure.groups) == {"a"}
     conv = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(6, 2, 3))
     assert set(find_groups(conv.eval(), torch.randn(2, 3, 8, 8)).groups) == {"0"}
+
+
+class Siamese(nn.Module):
+    """Two branches batched together along dim 0, then split: their widths must stay equal."""
+
+    def __init__(self, join: str, width: int = 3) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, width), nn.Linear(4, width)
+        self.ca, self.cb = nn.Linear(width, 2), nn.Linear(width, 2)
+        self.join = join
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.join == "cat":
+            a, b = torch.cat([a, b], 0).chunk(2, 0)
+        elif self.join == "stack":
+            a, b = torch.stack([a, b]).unbind(0)
+        else:
+            b = b.view_as(a)
+        return self.ca(a) + self.cb(b)
+
+
+@pytest.mark.parametrize("width", [2, 3, 8])
+@pytest.mark.parametrize("join", ["cat", "stack", "view_as"])
+def test_branches_whose_widths_the_model_ties_are_left_alone(join, width):
+    structure = find_groups(Siamese(join, width).eval(), torch.randn(5, 4))
+    assert structure.groups == {}
+    assert "loses units" in structure.reason("a") and "loses units" in structure.reason("b")
+
+
+def test_many_groups_of_one_width_are_still_prunable_when_independent():
+    model = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(3, 3), nn.ReLU())],
+                          nn.Linear(3, 2)).eval()  # five width-3 groups: counts collide
+    structure = find_groups(model, torch.randn(4, 3))
+    assert set(structure.groups) == {"0", "2", "4", "6", "8"}

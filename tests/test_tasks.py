@@ -46,6 +46,7 @@ def test_metric_value_normalises_means_and_pairs():
     assert tasks.metric_value(0.5, 10, where=where) == (5.0, 10.0)
     assert tasks.metric_value(np.float32(0.5), 10, where=where) == (5.0, 10.0)
     assert tasks.metric_value(torch.tensor([0.5]), 10, where=where) == (5.0, 10.0)
+    assert tasks.metric_value(np.array([0.5]), 10, where=where) == (5.0, 10.0)
 
 
 @pytest.mark.parametrize(
@@ -54,6 +55,7 @@ def test_metric_value_normalises_means_and_pairs():
         (None, "returned NoneType on eval batch 3"),
         ("0.5", "returned str on eval batch 3"),
         (torch.tensor([0.5, 0.25]), "Tensor of shape (2,)"),
+        (np.array([3.0, 4.0]), "ndarray of shape (2,)"),
         ((1.0, 2.0, 3.0), "tuple of 3 values"),
         (float("nan"), "not finite on eval batch 3"),
         ((1.0, 0.0 * float("inf")), "not finite"),
@@ -91,3 +93,9 @@ def test_distillation_of_a_structured_output_sums_its_float_leaves():
     torch.testing.assert_close(got, expected)
     with pytest.raises(ShapeError, match="distill = 0"):
         tasks.distillation({"ids": targets}, {"ids": targets}, targets, 2.0)
+
+
+def test_a_metric_that_counts_no_examples_is_refused():
+    assert tasks.mean_of(3.0, 4.0) == 0.75
+    with pytest.raises(DataError, match="counted 0 examples"):
+        tasks.mean_of(0.0, 0.0)

@@ -5,11 +5,14 @@ numbers (``x.view(-1, 16 * 4 * 4)``, ``h.view(B, T, 3, 4)``, ``unflatten(-1, (3,
 looks like plain movement there, yet fails or scrambles the units once a layer loses some.
 So each group is shrunk on a copy of the model, and the copy must give the outputs of the
 original with the removed units' reads zeroed (the masked twin); a group that does not is left
-alone, with what went wrong as its reason. A group loses its first and its last unit (a
-one-sided reflect pad or a shift shows at one end only), and every other group one more, so
-that groups that are mixed by position (branches concatenated and then shuffled, or stacked
-and flattened) lose different units and different counts. All groups are shrunk together
-first, so a model that follows every width pays for one check.
+alone, with what went wrong as its reason. Groups of one width lose different numbers of
+units (2, 3, ..., then 1), taken from both ends first (a one-sided reflect pad or a shift
+shows at one end only): groups whose widths the model ties together without mixing their
+units (branches concatenated along the batch, stacked then split, ``view_as``) or whose units
+it mixes by position (a channel shuffle after a concat) then fail. All groups are shrunk
+together first, so a model that follows every width pays for one check; a group that shares
+its width and count with another (more groups of one width than it has units) is also
+shrunk alone.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ from .trace import call_model
 def followed(model: nn.Module, example_inputs: Any, structure: Structure) -> Structure:
     """``structure`` without the groups the model does not follow when they shrink."""
     units = _units(structure)
-    if not units or _failure(model, example_inputs, structure, units) is None:
+    if not units:
         return structure
+    gone, crowded = _removals(structure, units)
+    if _failure(model, example_inputs, structure, units, gone) is None:
+        units = crowded  # only these could hide a tie from the joint check
     skipped = list(structure.skipped)
     dropped: set[str] = set()
     for keys in units:
-        failure = _failure(model, example_inputs, structure, [keys])
+        failure = _failure(model, example_inputs, structure, [keys], gone)
         if failure is not None:
             dropped.update(keys)
             skipped += [Skipped(key, failure) for key in keys]
@@ -52,20 +58,40 @@ def _units(structure: Structure) -> list[tuple[str, ...]]:
     return list(units)
 
 
+def _removals(structure: Structure, units: list[tuple[str, ...]]
+              ) -> tuple[dict[str, set[int]], list[tuple[str, ...]]]:
+    """The units each key loses in the check, and the entries that share a width and a
+    count with another one (so the joint check cannot tell them apart)."""
+    gone: dict[str, set[int]] = {}
+    seen: dict[int, list[tuple[str, ...]]] = {}
+    for keys in units:
+        width = next(structure.groups[k].width for k in keys if k in structure.groups)
+        same = seen.setdefault(width, [])
+        counts = [*range(2, width), 1]  # 2, 3, ..., width - 1, then 1: one unit always stays
+        lost = set(_from_both_ends(width)[: counts[len(same) % len(counts)]])
+        same.append(keys)
+        gone.update({k: lost for k in keys})
+    crowded = [keys for width, entries in seen.items() if len(entries) > width - 1
+               for keys in entries]
+    return gone, crowded
+
+
+def _from_both_ends(width: int) -> list[int]:
+    """0, width - 1, 1, width - 2, ...: every unit once, the ends first."""
+    order: list[int] = []
+    for lo in range((width + 1) // 2):
+        order += [lo] if lo == width - 1 - lo else [lo, width - 1 - lo]
+    return order
+
+
 def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
-             units: list[tuple[str, ...]]) -> str | None:
-    """What goes wrong when every key of ``units`` loses the units of :func:`_removed`, or
-    None."""
+             units: list[tuple[str, ...]], gone: dict[str, set[int]]) -> str | None:
+    """What goes wrong when every key of ``units`` loses its units of ``gone``, or None."""
     from ..plan import make_plan
     from ..surgery import apply_plan, zero_removed
 
-    kept = {}
-    for j, keys in enumerate(units):
-        for k in keys:
-            if k in structure.groups:
-                width = structure.groups[k].width
-                gone = _removed(width, odd=j % 2 == 1)
-                kept[k] = [u for u in range(width) if u not in gone]
+    kept = {k: [u for u in range(structure.groups[k].width) if u not in gone[k]]
+            for keys in units for k in keys if k in structure.groups}
     plan = make_plan(structure, kept)
     try:
         masked, shrunk = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
@@ -83,17 +109,6 @@ def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
         return f"the model fails once {named} loses units ({type(exc).__name__}: {text})"
     problem = _difference(expected, got)
     return None if problem is None else f"the model does not follow a smaller {named}: {problem}"
-
-
-def _removed(width: int, *, odd: bool) -> set[int]:
-    """The units a group of ``width`` (>= 2) loses in the check: the first and the last, and
-    on every other group the second too; at least one unit stays."""
-    if width == 2:
-        return {width - 1} if odd else {0}
-    gone = {0, width - 1}
-    if odd and width >= 4:
-        gone.add(1)
-    return gone
 
 
 def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:

@@ -94,7 +94,11 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
             if not self.enabled or not args:
                 return
             x = args[0].data if isinstance(args[0], PackedSequence) else args[0]
-            if not isinstance(x, torch.Tensor) or x.numel() == 0:  # an empty batch adds nothing
+            if not isinstance(x, torch.Tensor):
+                return
+            if x.is_nested:  # nn.TransformerEncoder's fast path in eval: the real tokens only
+                x = torch.cat([t.reshape(-1, t.shape[-1]) for t in x.detach().unbind()])
+            if x.numel() == 0:  # an empty batch adds nothing
                 return
             with torch.no_grad():
                 x = x.detach()
