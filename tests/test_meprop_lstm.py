@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from mesimp_compress.activity import ActivityTracker
 from mesimp_compress.errors import KError
@@ -215,9 +215,9 @@ def test_swap_keeps_forward_outputs_and_parameters(batch_first):
     params = list(lstm.parameters())
     keys = list(lstm.state_dict())
     mep = MePropLSTM.wrap(lstm, 2, key="rnn")
-    got = mep(x)  # meProp path (grad enabled): the same sums as torch's kernel, within ~1 ulp
+    got = mep(x)  # meProp path (grad enabled): torch's kernel on its training path, bit for bit
     for a, b in ((got[0], expected[0]), (got[1][0], expected[1][0]), (got[1][1], expected[1][1])):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert torch.equal(a, b)
     assert all(a is b for a, b in zip(mep.parameters(), params, strict=True))
     assert list(mep.state_dict()) == keys
     plain = mep.unwrap()
@@ -286,3 +286,34 @@ def test_constructor_and_keys():
     mep = MePropLSTM(3, 10, num_layers=2, bidirectional=True, k=0.3, key="rnn")
     assert mep.meprop.k == 3
     assert mep.layer_keys() == ["rnn.l0", "rnn.l0_reverse", "rnn.l1", "rnn.l1_reverse"]
+
+
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (3, True)])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_meprop_forward_is_nn_lstm_to_the_bit_also_packed(layers, bidirectional, seed):
+    torch.manual_seed(seed)  # float32 on the CPU: the no-grad kernel rounds differently
+    lstm = nn.LSTM(1, 2, num_layers=layers, bidirectional=bidirectional)
+    x = torch.randn(3, 1, 1, requires_grad=True)
+    packed = pack_padded_sequence(x, torch.tensor([3]))
+    expected = [lstm(x), lstm(packed)]
+    mep = MePropLSTM.wrap(copy.deepcopy(lstm), 1, key="rnn")
+    for got, want in zip([mep(x), mep(packed)], expected, strict=True):
+        out, want_out = (o.data if isinstance(o, PackedSequence) else o
+                         for o in (got[0], want[0]))
+        assert torch.equal(out, want_out)
+        assert torch.equal(got[1][0], want[1][0]) and torch.equal(got[1][1], want[1][1])
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+def test_a_batch_without_sequences_gives_zero_gradients_and_records_nothing(mode):
+    lstm = nn.LSTM(2, 3, num_layers=2)
+    tracker = ActivityTracker()
+    mep = MePropLSTM.wrap(copy.deepcopy(lstm), 1, mode=mode, key="rnn", tracker=tracker)
+    for module in (lstm, mep):
+        x = torch.randn(4, 0, 2, requires_grad=True)
+        out, (hn, cn) = module(x)
+        (out.sum() + hn.sum() + cn.sum()).backward()
+        assert x.grad.shape == x.shape and not x.grad.any()
+    for (name, p), q in zip(mep.named_parameters(), lstm.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name  # zeros
+    assert tracker.keys() == []

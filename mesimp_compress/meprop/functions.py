@@ -67,7 +67,12 @@ def empty_batch_grads(ctx, x: torch.Tensor, weight: torch.Tensor) -> tuple:
 def record_hook(settings: MePropSettings, key: str, examples: int, width: int) -> Callable:
     """A gradient hook that records 'every unit selected by every example' once per backward."""
     tracker = settings.tracker
-    return once_per_backward(lambda: tracker.record_selected(key, None, examples, width))
+
+    def record() -> None:
+        if examples:  # an empty batch records nothing, as meProp's own backward
+            tracker.record_selected(key, None, examples, width)
+
+    return once_per_backward(record)
 
 
 def once_per_backward(record: Callable[[], None]) -> Callable[[torch.Tensor], None]:

@@ -169,7 +169,7 @@ def _record_dense(module: MePropLSTM, input: Any, output: Any, state: Any, hidde
         examples = (input.shape[0 if module.batch_first else 1]) if batched else 1
         tensors = [output, *state]
     def record() -> None:
-        for key in module.layer_keys():
+        for key in module.layer_keys() if examples else ():  # an empty batch: nothing
             s.tracker.record_selected(key, None, examples, hidden)
 
     hook = once_per_backward(record)

@@ -105,12 +105,10 @@ class LSTMLayerFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, x, h0, c0, *weights):  # noqa: D102
-        if x.is_cuda:  # cuDNN warns that one layer's weights are not the whole flat buffer
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*single contiguous chunk")
-                out, hn, cn = _one_layer(plan, x, h0, c0, weights)
-        else:
-            out, hn, cn = _one_layer(plan, x, h0, c0, weights)
+        with warnings.catch_warnings():
+            # cuDNN warns that one layer's weights are not the whole flat buffer
+            warnings.filterwarnings("ignore", message=".*single contiguous chunk")
+            out, hn, cn = _one_layer_as_trained(plan, x, h0, c0, weights)
         ctx.save_for_backward(x, h0, c0, out, *weights)
         ctx.plan = plan
         ctx.params = weights
@@ -125,10 +123,12 @@ class LSTMLayerFn(torch.autograd.Function):
             x, h0, c0 = x.to(out.dtype), h0.to(out.dtype), c0.to(out.dtype)
             weights = [w.to(out.dtype) for w in weights]
         plan = ctx.plan
+        needs = ctx.needs_input_grad
+        if out.numel() == 0:  # no sequences: zero gradients as autograd gives, nothing recorded
+            return (None, *_empty_grads(ctx, x, h0, c0))
         dirs = 2 if plan.bidirectional else 1
         per_dir = 4 if plan.bias else 2
         hidden = weights[1].shape[1]
-        needs = ctx.needs_input_grad
         X = x.reshape(-1, x.shape[-1])
         out2 = out.reshape(-1, dirs * hidden)
         dout2 = dout.reshape(-1, dirs * hidden)
@@ -162,6 +162,29 @@ class LSTMLayerFn(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         return (None, grad_x, grad_h0, grad_c0, *grads)
+
+
+def _empty_grads(ctx: Any, x, h0, c0) -> list[torch.Tensor | None]:
+    """The gradients of a batch without sequences: zeros (no rows for a row-sparse
+    optimizer)."""
+    needs = ctx.needs_input_grad
+    grads = [torch.zeros_like(t) if want else None
+             for t, want in zip((x, h0, c0), needs[1:4], strict=True)]
+    none = torch.zeros(0, dtype=torch.int64, device=x.device)
+    for param, want in zip(ctx.params, needs[4:], strict=True):
+        empty = param.new_zeros((0, *param.shape[1:]))
+        grads.append(rowgrad.deliver(param, none, empty, ctx) if want else None)
+    return grads
+
+
+def _one_layer_as_trained(plan: LayerPlan, x, h0, c0, weights):
+    """:func:`_one_layer` on the kernel path nn.LSTM takes while training (grad on, weights
+    requiring grad): torch's CPU LSTM rounds differently without grad, and the outputs must
+    be nn.LSTM's to the bit. The graph that builds is dropped."""
+    with torch.enable_grad():
+        trained = [w.detach().requires_grad_() for w in weights]
+        out, hn, cn = _one_layer(plan, x.detach(), h0.detach(), c0.detach(), trained)
+    return out.detach(), hn.detach(), cn.detach()
 
 
 def _one_layer(plan: LayerPlan, x, h0, c0, weights):
