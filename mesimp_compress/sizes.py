@@ -372,12 +372,20 @@ def _node_scope(node: Any) -> str | None:
 
 
 def _enclosing(scope: str, modules: set[str]) -> str | None:
+    """The module of ``modules`` a node scope lies in: the scope or its nearest parent, else
+    the one module whose name ends with the scope (TorchScript names a member of a
+    ModuleDict or ModuleList by its key alone: ``fc`` for ``m.fc``)."""
+    path = scope
     while True:
-        if scope in modules:
-            return scope
-        if not scope:
-            return None
-        scope = scope.rpartition(".")[0]
+        if path in modules:
+            return path
+        if not path:
+            break
+        path = path.rpartition(".")[0]
+    if not scope:
+        return None
+    ends = [m for m in modules if m.endswith("." + scope)]
+    return ends[0] if len(ends) == 1 else None
 
 
 def _float_elements(path: str | os.PathLike[str]) -> int:

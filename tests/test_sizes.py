@@ -129,6 +129,29 @@ def test_torchscript_lstm_is_attributed_by_node_scope(tmp_path):
     assert all(name.startswith("onnx::") for name in sizes["lstm"].onnx_shapes)
 
 
+class InDict(nn.Module):
+    """Layers held in an nn.ModuleDict: TorchScript scopes them by their key alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = nn.ModuleDict({"emb": nn.Embedding(20, 8), "lstm": nn.LSTM(8, 8),
+                                "fc": nn.Linear(8, 6), "out": nn.Linear(6, 3)})
+
+    def forward(self, tokens):
+        h, _ = self.m["lstm"](self.m["emb"](tokens))
+        return self.m["out"](torch.relu(self.m["fc"](h)))
+
+
+def test_torchscript_scopes_of_module_dict_members_are_attributed(tmp_path):
+    torch.manual_seed(0)
+    model = InDict().eval()
+    r = export_onnx(model, (torch.randint(0, 20, (5, 2)),), tmp_path / "d.onnx",
+                    exporter="torchscript")
+    sizes = _by_name(onnx_layer_sizes(r.path, model))
+    assert {name: sizes[name].status for name in ("m.lstm", "m.fc", "m.out")} == dict.fromkeys(
+        ("m.lstm", "m.fc", "m.out"), MATCH)
+
+
 def _with_statistics(bn):
     """Non-trivial BatchNorm statistics: folding it then gives a bias that is not all zeros."""
     with torch.no_grad():
