@@ -281,3 +281,40 @@ def test_an_all_zero_bias_the_exporter_dropped_counts_as_held(tmp_path):
         model[2].bias[0] = 1.0  # not all zero: a file without it is a real mismatch
     with pytest.raises(SizeError, match="'2' \\(Linear\\) 39 in PyTorch vs 36"):
         onnx_layer_sizes(path, model)
+
+
+def test_the_file_total_allows_tensors_the_original_export_folded_as_defaults(
+    tmp_path, monkeypatch
+):
+    """A fresh LayerNorm (ones, zeros) may be folded out of the original's file; fine-tuned,
+    the compressed file holds it. That is no surplus; an unnamed extra tensor still is."""
+    import copy
+
+    from mesimp_compress import sizes as sizes_module
+    from mesimp_compress.graph import find_groups
+    from mesimp_compress.plan import make_plan
+    from mesimp_compress.surgery import apply_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 8), nn.LayerNorm(8),
+                          nn.Linear(8, 2)).eval()
+    x = torch.randn(2, 4)
+    original = export_onnx(model, (x,), tmp_path / "o.onnx", exporter="dynamo").path
+    small = copy.deepcopy(model)
+    plan = make_plan(find_groups(small, x), {"0": [0, 1]})
+    apply_plan(small, plan)
+    compressed = export_onnx(small, (x,), tmp_path / "c.onnx", exporter="dynamo").path
+    real = sizes_module._float_names
+    extra: dict[str, int] = {}
+
+    def names(path):
+        found = real(path)
+        if str(path) == str(original):  # as if the exporter had folded the default LayerNorm
+            return {k: v for k, v in found.items() if not k.startswith("3.")}
+        return {**found, **extra}
+
+    monkeypatch.setattr(sizes_module, "_float_names", names)
+    check_shrunk(compressed, small, original_onnx=original, original_model=model, plan=plan)
+    extra["onnx::Constant_9"] = 30  # a tensor no model parameter explains
+    with pytest.raises(SizeError, match="not fewer than the original's"):
+        check_shrunk(compressed, small, original_onnx=original, original_model=model, plan=plan)
