@@ -93,15 +93,14 @@ def batch_size(inputs: tuple[Any, ...]) -> int:
 
 def check_reiterable(data: Iterable[Any], *, where: str) -> None:
     """DataError for a one-shot iterator (a generator): the data is read once per epoch and
-    once per evaluation, so it must be re-iterable."""
-    try:
-        one_shot = iter(data) is data
-    except TypeError:
+    once per evaluation, so it must be re-iterable. Decided from the type alone: making an
+    iterator of a DataLoader would start its workers and draw from the random generator."""
+    if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
         raise DataError(
             f"{where}: expected an iterable of (inputs, targets) batches (a DataLoader or a "
             f"list), got {type(data).__name__}"
-        ) from None
-    if one_shot:
+        )
+    if isinstance(data, Iterator):
         raise DataError(
             f"{where}: data must be re-iterable (a DataLoader or a list), got a one-shot iterator"
         )
