@@ -21,11 +21,11 @@ torch.set_num_threads(1)
 BASE = dict(epochs=1, cycles=1, recovery_epochs=0, distill=0.0, threads=1, batches=[1, 4])
 
 
-def trained_mlp(train) -> nn.Module:
-    """The tiny MLP fitted for a few epochs, so pruning it hard costs accuracy."""
-    model = _tiny.mlp()
+def trained_mlp(train, model: nn.Module | None = None, epochs: int = 8) -> nn.Module:
+    """The tiny MLP (or ``model``) fitted for a few epochs, so pruning it hard costs accuracy."""
+    model = model if model is not None else _tiny.mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(8):
+    for _ in range(epochs):
         for x, y in train:
             opt.zero_grad()
             tasks.cross_entropy(model(x), y).backward()
@@ -215,13 +215,7 @@ def test_a_resumed_run_with_a_pending_rollback_matches_the_uninterrupted_one(tmp
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 24),
                           nn.ReLU(), nn.Linear(24, 4))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(10):
-        for x, y in train:
-            opt.zero_grad()
-            tasks.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
+    model = trained_mlp(train, model, epochs=10).eval()
     cfg = dict(epochs=1, cycles=2, recovery_epochs=1, window=0.25, k=2, prune_rate=0.3,
                min_width=1, lr=1e-3, max_drop=0.0, recovery_windows=3, distill=0.0, threads=1)
 
