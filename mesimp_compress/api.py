@@ -243,7 +243,8 @@ def _checkpoint(
             )
         return checkpointer, None
     state = checkpointer.load()
-    saved = {k: v for k, v in state["config"].items() if k not in _NOT_TRAINING}
+    defaults = CompressConfig().to_dict()  # a key added since the checkpoint: its default
+    saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in _NOT_TRAINING}
     now = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_TRAINING}
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:

@@ -474,6 +474,9 @@ class FineTuner:
                 f"epoch, {saved['examples']} examples; now {now['batches']}, "
                 f"{now['examples']}): resume with the data it was made on"
             )
+        if self.net is not self.model:  # DDP holds the full-size model's buckets: let them go
+            self.net = self.model
+            gc.collect()
         pristine = copy.deepcopy(self.model) if state.get("guard") else None
         self.simp.replay(self.model, Plan.from_dict(state["plan"]))
         self.model.load_state_dict(state["model"])

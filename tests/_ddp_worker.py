@@ -43,13 +43,27 @@ def build(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     kind, out, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    step = sys.argv[4] if len(sys.argv) > 4 else "whole"  # or "stop" then "resume"
     model, x, y = build(kind)
     n = len(x) * 3 // 4
     train = DataLoader(TensorDataset(x[:n], y[:n]), batch_size=batch, shuffle=False)
     evaluation = DataLoader(TensorDataset(x[n:], y[n:]), batch_size=64)
     cfg = mc.CompressConfig(k=10, epochs=1, cycles=1, recovery_epochs=1, window=0.25, lr=1e-3,
                             distill=0.0, threads=1, compensate=True)  # means all-reduced too
-    result = mc.compress(model, train, evaluation, config=cfg)
+    if step == "stop":  # every rank stops after window 1 was checkpointed, as Ctrl-C would
+
+        def stop(event: mc.Event) -> None:
+            if event.kind == "window" and event.data["window"] == 2:
+                raise KeyboardInterrupt
+
+        try:
+            mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=out / "ckpt",
+                        sink=stop)
+        except KeyboardInterrupt:
+            return
+        raise SystemExit("the run was not interrupted")
+    result = mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=out / "ckpt",
+                         resume=step == "resume")
     rank = int(__import__("os").environ.get("RANK", "0"))
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"kept": result.plan.kept, "widths": result.widths,

@@ -15,7 +15,7 @@ from mesimp_compress.distributed import Shard, launch_command
 WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
 
 
-def _run(kind: str, out: Path, batch: int, nproc: int) -> None:
+def _run(kind: str, out: Path, batch: int, nproc: int, step: str = "whole") -> None:
     env = {**os.environ, "MESIMP_DIST_TIMEOUT": "120", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -28,9 +28,10 @@ def _run(kind: str, out: Path, batch: int, nproc: int) -> None:
         kind,
         str(out),
         str(batch),
+        step,
     ]
     if nproc == 1:
-        command = [sys.executable, str(WORKER), kind, str(out), str(batch)]
+        command = [sys.executable, str(WORKER), kind, str(out), str(batch), step]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -51,6 +52,21 @@ def test_two_ranks_agree_and_match_one_process(tmp_path, kind):
         # top-k runs on the all-reduced scores of the global batch, so the plan is the
         # single-process one up to float rounding of the sums (a near-tie may flip one unit)
         assert abs(ranks[0]["widths"][key] - width) <= 1, (key, width, ranks[0]["widths"])
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_to_the_uninterrupted_result(tmp_path):
+    """The checkpoint holds pruned widths: the resumed ranks rebuild the model under a fresh
+    DDP wrapper (the full-size model's wrapper once made backward fail on shapes)."""
+    _run("mlp", tmp_path / "whole", batch=16, nproc=2)
+    _run("mlp", tmp_path / "cut", batch=16, nproc=2, step="stop")
+    assert (tmp_path / "cut" / "ckpt").is_dir()
+    _run("mlp", tmp_path / "cut", batch=16, nproc=2, step="resume")
+    whole, cut = (torch.load(tmp_path / d / "rank0.pt", weights_only=True)
+                  for d in ("whole", "cut"))
+    assert whole["kept"] == cut["kept"] and whole["metric"] == cut["metric"]
+    for name, tensor in whole["state"].items():
+        assert torch.equal(tensor, cut["state"][name]), name
 
 
 def test_shard_splits_batches_evenly_and_drops_the_remainder():

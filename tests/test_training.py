@@ -237,6 +237,33 @@ def test_a_resumed_run_with_a_pending_rollback_matches_the_uninterrupted_one(tmp
     assert summary(resumed) == reference
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path) -> None:
+    import mesimp_compress as mc
+    from mesimp_compress.checkpoint import Checkpointer
+
+    train, evaluation = _tiny.mlp_data()
+    cfg = dict(BASE, k=6, window=0.25)
+
+    def stop(event: Event) -> None:
+        if event.kind == "checkpoint":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mc.compress(_tiny.mlp(), train, evaluation, config=cfg, checkpoint_dir=tmp_path,
+                    sink=stop)
+    checkpointer = Checkpointer(tmp_path)
+    state = checkpointer.load()
+    del state["config"]["greater_is_better"]  # as an older version wrote it
+    checkpointer.save(state)
+    with pytest.raises(mc.CheckpointError, match="greater_is_better=True \\(now False\\)"):
+        mc.compress(_tiny.mlp(), train, evaluation, checkpoint_dir=tmp_path, resume=True,
+                    config={**cfg, "greater_is_better": False})
+    resumed = mc.compress(_tiny.mlp(), train, evaluation, config=cfg, checkpoint_dir=tmp_path,
+                          resume=True)
+    whole = mc.compress(_tiny.mlp(), train, evaluation, config=cfg)
+    assert resumed.plan.kept == whole.plan.kept
+
+
 def test_a_resume_on_other_train_data_is_refused(tmp_path) -> None:
     import mesimp_compress as mc
     from mesimp_compress.errors import CheckpointError
