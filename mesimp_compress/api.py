@@ -315,14 +315,18 @@ def _device(name: str) -> torch.device:
 
 
 def _check_values(model: nn.Module) -> None:
-    """ConfigError for weights that hold no values (the meta device) or non-finite ones."""
+    """ConfigError for weights that hold no values (the meta device) or non-finite ones
+    (buffers may: a causal mask of -inf is common)."""
+    params = {id(p) for p in model.parameters()}
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         if tensor.is_meta:
             raise ConfigError(
                 f"the model's '{name}' is on the meta device (it holds no values): build the "
                 "model with real weights, or load them (--weights) before compressing"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if id(tensor) in params and tensor.is_floating_point() and not bool(
+            torch.isfinite(tensor).all()
+        ):
             raise ConfigError(f"the model's '{name}' holds NaN or infinite values")
 
 
@@ -335,11 +339,9 @@ def _check_forward(
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
     inputs, targets = to_device(inputs, device), to_device(targets, device)
-    for i, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(
-            torch.isfinite(x).all()
-        ):
-            raise DataError(f"the first train batch: input {i} holds NaN or infinite values")
+    for i, x in enumerate(inputs):  # (an infinite value may be meant: an additive -inf mask)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and bool(x.isnan().any()):
+            raise DataError(f"the first train batch: input {i} holds NaN values")
     try:
         with torch.no_grad():
             outputs = model(*inputs)
@@ -354,10 +356,10 @@ def _check_forward(
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
     if any(
-        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any())
         for t in pytree.tree_leaves(outputs)
     ):
-        raise DataError("the model's outputs on the first train batch are NaN or infinite")
+        raise DataError("the model's outputs on the first train batch hold NaN values")
     try:
         value = (loss or tasks.cross_entropy)(outputs, targets)
         tasks.metric_value((metric or tasks.accuracy)(outputs, targets), 1,

@@ -314,3 +314,20 @@ def test_a_sink_that_edits_or_raises_on_events_cannot_spoil_the_run(tmp_path, da
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # checkpoint removed
     report = json.loads((out / "report.json").read_text())
     assert all(record["widths"] for record in report["extra"]["history"])
+
+
+class CausalMask(torch.nn.Module):
+    """The tiny MLP plus a -inf mask buffer, as causal attention keeps one: a valid model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _tiny.mlp()
+        self.register_buffer("mask", torch.triu(torch.full((4, 4), float("-inf")), 1))
+
+    def forward(self, x):
+        return self.net(x) + self.mask.softmax(-1)[0]
+
+
+def test_an_infinite_buffer_is_no_bad_weight(data) -> None:
+    result = mc.compress(CausalMask(), *data, config=CFG)
+    assert result.metric_after > 0

@@ -144,7 +144,7 @@ CASES = [
     ("model-inf-weight", T("nan_mlp"), T("mlp_data"), [], "'2.weight' holds NaN or infinite"),
     ("data-fails-while-read", T("mlp"), T("failing_data"), [],
      "train data (epoch 1) failed while reading batch 4: ValueError: record 3 is corrupt"),
-    ("data-nan-inputs", T("mlp"), T("nan_inputs_data"), [], "input 0 holds NaN or infinite"),
+    ("data-nan-inputs", T("mlp"), T("nan_inputs_data"), [], "input 0 holds NaN values"),
     ("data-empty-first-batch", T("mlp"), T("empty_first_batch_data"), [],
      "the first train batch has no examples"),
     ("out-is-dot", T("mlp"), T("mlp_data"), ["--out", "."], "not '.'"),
