@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from . import distributed
 from .batches import check_reiterable, first_batch, to_device
 from .config import CompressConfig, read_toml
-from .errors import CheckpointError, ConfigError, DataError, MesimpError, ShapeError
+from .errors import CheckpointError, ConfigError, DataError, MesimpError, ShapeError, describe
 from .events import EventSink, emit
 from .outputs import OutputDir
 from .simplify import Simplifier
@@ -352,8 +352,7 @@ def _check_forward(
             str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs
         )
         raise ShapeError(
-            f"the model failed on the first train batch (inputs {shapes}): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f"the model failed on the first train batch (inputs {shapes}): {describe(exc)}"
         ) from None
     if any(
         isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any())
@@ -367,8 +366,5 @@ def _check_forward(
     except MesimpError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the user's loss or metric raises
-        raise ShapeError(
-            f"loss/metric failed on the first batch: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
+        raise ShapeError(f"loss/metric failed on the first batch: {describe(exc)}") from None
     tasks.check_loss(value, "the first train batch", differentiable=False)

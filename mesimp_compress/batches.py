@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import DataError, MesimpError
+from .errors import DataError, MesimpError, describe
 
 
 def split_batch(batch: Any, *, where: str = "data") -> tuple[tuple[Any, ...], Any]:
@@ -44,8 +44,7 @@ def user_code(what: str, where: str) -> Iterator[None]:
     except MesimpError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DataError(f"{what} failed on {where}: {type(exc).__name__}: {first}") from exc
+        raise DataError(f"{what} failed on {where}: {describe(exc)}") from exc
 
 
 def iterate(data: Iterable[Any], *, where: str) -> Iterator[Any]:
@@ -55,7 +54,7 @@ def iterate(data: Iterable[Any], *, where: str) -> Iterator[Any]:
     try:
         it = iter(data)
     except Exception as exc:
-        raise DataError(f"{where} cannot be iterated: {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"{where} cannot be iterated: {describe(exc)}") from exc
     while True:
         try:
             batch = next(it)
@@ -64,10 +63,7 @@ def iterate(data: Iterable[Any], *, where: str) -> Iterator[Any]:
         except MesimpError:
             raise
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise DataError(
-                f"{where} failed while reading batch {i + 1}: {type(exc).__name__}: {first}"
-            ) from exc
+            raise DataError(f"{where} failed while reading batch {i + 1}: {describe(exc)}") from exc
         yield batch
         i += 1
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, describe
 
 FILE = "checkpoint.pt"
 FORMAT = "mesimp-checkpoint"
@@ -68,10 +68,7 @@ class Checkpointer:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-            raise CheckpointError(
-                f"cannot read checkpoint {self.path}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from None
+            raise CheckpointError(f"cannot read checkpoint {self.path}: {describe(exc)}") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise CheckpointError(f"{self.path} is not a mesimp checkpoint")
         if state.get("version") != VERSION:

@@ -11,6 +11,13 @@ class MesimpError(Exception):
     """Root of every error raised on purpose by mesimp_compress."""
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message``: how a foreign error (the user's code, torch,
+    a file reader) is quoted inside one of ours."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
+
+
 class ConfigError(MesimpError, ValueError):
     """A setting is out of range, of the wrong type, or unknown."""
 

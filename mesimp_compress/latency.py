@@ -37,7 +37,7 @@ from .config import MAX_THREADS
 from .errors import ConfigError, DataError, ShapeError
 from .events import EventSink, emit
 from .inputs import BATCH, SEQ, resize_inputs
-from .verify import feed, make_session
+from .verify import feed, make_session, one_line
 
 
 @dataclass
@@ -197,7 +197,7 @@ def _measure(
         try:
             sessions[label].run(None, feeds[label])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
-            detail = " ".join(str(exc).split())[:240]
+            detail = one_line(exc)
             at = f"batch {batch}" + (f", sequence length {seq}" if seq is not None else "")
             raise ShapeError(
                 f"onnxruntime cannot run '{label}' on synthesised inputs at {at}: {detail}"
@@ -393,8 +393,7 @@ def _graph_of(path: str | os.PathLike[str]) -> Any:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises its own decode errors
-        detail = " ".join(str(exc).split())[:200]
-        raise DataError(f"{Path(path).name} is not an ONNX model: {detail}") from None
+        raise DataError(f"{Path(path).name} is not an ONNX model: {one_line(exc)}") from None
     graph = model.graph
     if not graph.node and not graph.input and not graph.output:
         raise DataError(f"{Path(path).name} is not an ONNX model: it holds no graph")

@@ -59,7 +59,7 @@ def make_session(path: str | os.PathLike[str], *, threads: int = 1) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {_line(exc)}") from None
+        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {one_line(exc)}") from None
 
 
 def session_of(model: OnnxModel, *, threads: int = 1) -> Any:
@@ -114,7 +114,7 @@ def run_onnx(
         return list(session.run(None, feeds))
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ExportError(
-            f"onnxruntime failed on {where}: {type(exc).__name__}: {_line(exc)}"
+            f"onnxruntime failed on {where}: {type(exc).__name__}: {one_line(exc)}"
         ) from exc
 
 
@@ -293,10 +293,10 @@ def evaluate_onnx(
             outputs = shaped_like(outs, like)
         else:
             outputs = outs[0] if len(outs) == 1 else tuple(outs)
-        with user_code("the metric", f"eval batch {i + 1} (onnxruntime outputs)"):
+        where = f"eval batch {i + 1} (onnxruntime outputs)"
+        with user_code("the metric", where):
             value = metric(outputs, targets.cpu() if isinstance(targets, torch.Tensor) else targets)
-        s, c = tasks.metric_value(value, batch_size(inputs),
-                                  where=f"eval batch {i + 1} (onnxruntime outputs)")
+        s, c = tasks.metric_value(value, batch_size(inputs), where=where)
         total += s
         count += c
     return tasks.mean_of(total, count)
@@ -311,7 +311,8 @@ def evaluate_torch(model: nn.Module, data: Iterable[Any], metric: Any = None) ->
     return evaluate(model, data, metric or tasks.accuracy, device)
 
 
-def _line(exc: BaseException, limit: int = 240) -> str:
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """An error's whole message on one line (onnxruntime and protobuf write several)."""
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

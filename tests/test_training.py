@@ -176,6 +176,18 @@ def test_a_rollback_names_and_freezes_every_prune_it_undoes() -> None:
     assert later and not any(set(r.pruned) & {"2", "4"} for r in later)  # both frozen
 
 
+def _stop_at_first_checkpoint(model, train, evaluation, cfg, folder) -> None:
+    """Run mc.compress and interrupt it, as Ctrl-C would, once its first checkpoint is out."""
+    import mesimp_compress as mc
+
+    def stop(event: Event) -> None:
+        if event.kind == "checkpoint":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=folder, sink=stop)
+
+
 def test_a_check_still_pending_when_the_run_ends_is_made_at_its_end(data) -> None:
     model = trained_mlp(data[0])
     ft = tuner(model, data, k=4, prune_rate=0.9, window=0.25, lr=1e-6, max_drop=0.0,
@@ -226,12 +238,7 @@ def test_a_resumed_run_with_a_pending_rollback_matches_the_uninterrupted_one(tmp
     reference = summary(mc.compress(model, train, evaluation, config=cfg))
     assert reference[1], "the setting must roll back a prune"
 
-    def stop(event: Event) -> None:
-        if event.kind == "checkpoint":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=tmp_path, sink=stop)
+    _stop_at_first_checkpoint(model, train, evaluation, cfg, tmp_path)
     resumed = mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=tmp_path,
                           resume=True)
     assert summary(resumed) == reference
@@ -244,13 +251,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp
     train, evaluation = _tiny.mlp_data()
     cfg = dict(BASE, k=6, window=0.25)
 
-    def stop(event: Event) -> None:
-        if event.kind == "checkpoint":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        mc.compress(_tiny.mlp(), train, evaluation, config=cfg, checkpoint_dir=tmp_path,
-                    sink=stop)
+    _stop_at_first_checkpoint(_tiny.mlp(), train, evaluation, cfg, tmp_path)
     checkpointer = Checkpointer(tmp_path)
     state = checkpointer.load()
     del state["config"]["greater_is_better"]  # as an older version wrote it
@@ -271,13 +272,7 @@ def test_a_resume_on_other_train_data_is_refused(tmp_path) -> None:
     train, evaluation = _tiny.mlp_data()
     cfg = dict(BASE, k=6, window=0.25)
 
-    def stop(event: Event) -> None:
-        if event.kind == "checkpoint":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        mc.compress(_tiny.mlp(), train, evaluation, config=cfg, checkpoint_dir=tmp_path,
-                    sink=stop)
+    _stop_at_first_checkpoint(_tiny.mlp(), train, evaluation, cfg, tmp_path)
     with pytest.raises(CheckpointError, match="made on other train data \\(8 batches per "
                                               "epoch, None examples; now 4, None\\)"):
         mc.compress(_tiny.mlp(), train[:4], evaluation, config=cfg, checkpoint_dir=tmp_path,

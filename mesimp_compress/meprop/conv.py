@@ -39,7 +39,7 @@ class _Conv2dFn(torch.autograd.Function):
     def backward(ctx, dy):  # noqa: D102
         x, weight = ctx.saved_tensors
         if dy.numel() == 0:
-            return (*empty_batch_grads(ctx, x, weight), None, None, None, None, None, None)
+            return (*empty_batch_grads(ctx, x), None, None, None, None, None, None)
         if x.dtype != dy.dtype or weight.dtype != dy.dtype:  # autocast: compute in dy's
             x, weight = x.to(dy.dtype), weight.to(dy.dtype)  # precision, as autocast does
         weight_param, bias_param = ctx.params

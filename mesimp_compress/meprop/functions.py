@@ -48,19 +48,14 @@ def per_example_units(
     return mask, counts, units
 
 
-def empty_batch_grads(ctx, x: torch.Tensor, weight: torch.Tensor) -> tuple:
+def empty_batch_grads(ctx, x: torch.Tensor) -> tuple:
     """Gradients of a meProp layer for a batch without examples: zeros, as plain autograd
     gives (a row-sparse optimizer gets no rows); nothing is recorded."""
     needs = ctx.needs_input_grad
     weight_param, bias_param = ctx.params
     grad_x = torch.zeros_like(x) if needs[0] else None
-    grad_w = grad_b = None
-    if needs[1]:
-        none = torch.zeros(0, dtype=torch.int64, device=weight.device)
-        grad_w = rowgrad.deliver(weight_param, none, weight.new_zeros((0, *weight.shape[1:])),
-                                 ctx)
-    if needs[2]:
-        grad_b = torch.zeros_like(bias_param)
+    grad_w = rowgrad.no_rows(weight_param, ctx) if needs[1] else None
+    grad_b = torch.zeros_like(bias_param) if needs[2] else None
     return grad_x, grad_w, grad_b
 
 

@@ -46,7 +46,7 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
     gathers besides the small matmuls."""
     x, weight = ctx.saved_tensors
     if dy.numel() == 0:
-        return (*empty_batch_grads(ctx, x, weight), None, None)
+        return (*empty_batch_grads(ctx, x), None, None)
     if x.dtype != dy.dtype or weight.dtype != dy.dtype:  # autocast ran the forward in dy's
         x, weight = x.to(dy.dtype), weight.to(dy.dtype)  # precision: compute in it, as it does
     s = ctx.settings

@@ -170,10 +170,8 @@ def _empty_grads(ctx: Any, x, h0, c0) -> list[torch.Tensor | None]:
     needs = ctx.needs_input_grad
     grads = [torch.zeros_like(t) if want else None
              for t, want in zip((x, h0, c0), needs[1:4], strict=True)]
-    none = torch.zeros(0, dtype=torch.int64, device=x.device)
-    for param, want in zip(ctx.params, needs[4:], strict=True):
-        empty = param.new_zeros((0, *param.shape[1:]))
-        grads.append(rowgrad.deliver(param, none, empty, ctx) if want else None)
+    grads += [rowgrad.no_rows(p, ctx) if want else None
+              for p, want in zip(ctx.params, needs[4:], strict=True)]
     return grads
 
 

@@ -81,11 +81,22 @@ def deliver(param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
     return grad
 
 
+def no_rows(param: torch.Tensor, node: Any = None) -> torch.Tensor | None:
+    """:func:`deliver` of an empty row gradient (a batch without examples): nothing for a
+    consumer, full-size zeros for autograd."""
+    none = torch.zeros(0, dtype=torch.int64, device=param.device)
+    return deliver(param, none, param.new_zeros((0, *param.shape[1:])), node)
+
+
+# asks the running backward pass whether it will run a node (absent in some torch versions)
+_WILL_RUN = getattr(torch._C, "_will_engine_execute_node", None)
+
+
 def _use(node: Any, param: torch.Tensor) -> str:
     """What the running backward pass does with ``param``'s gradient coming out of ``node``:
     "accumulate" (into ``.grad``, as ``backward()`` does), "capture" (``autograd.grad``
     returns it) or "unused"."""
-    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    will_run = _WILL_RUN
     if node is None or will_run is None:
         return "accumulate"
     for fn, _ in node.next_functions:
