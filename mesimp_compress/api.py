@@ -20,6 +20,7 @@ from .batches import check_reiterable, first_batch, to_device
 from .config import CompressConfig, read_toml
 from .errors import CheckpointError, ConfigError, DataError, MesimpError, ShapeError, describe
 from .events import EventSink, emit
+from .modelcheck import check_model, copy_failed, unwrap
 from .outputs import OutputDir
 from .simplify import Simplifier
 from .training import FineTuner, Rollback, WindowRecord
@@ -76,6 +77,7 @@ def compress(
         raise ConfigError(f"out must be a folder path, got {type(out).__name__}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model, sink)
     output = OutputDir(out, force=force) if out is not None else None  # refuse early
     checkpointer, state = _checkpoint(out, checkpoint_dir, resume, cfg, sink)
     _device(cfg.device)
@@ -117,7 +119,7 @@ def _run(
 
     # one batch for the checks, the trace and the export (a shuffled loader yields another
     # first batch on every pass, so inputs and targets must come from the same one)
-    _check_values(model)
+    check_model(model)
     check_reiterable(train, where="train data")
     check_reiterable(eval_data, where="eval data")
     example_inputs, example_targets = first_batch(train, where="train data")
@@ -128,12 +130,7 @@ def _run(
     try:
         original, working = copy.deepcopy(model), copy.deepcopy(model)
     except Exception as exc:  # noqa: BLE001 - e.g. hooks holding non-leaf tensors
-        detail = " ".join(str(exc).split())[:200]
-        raise ConfigError(
-            f"the model cannot be copied ({type(exc).__name__}: {detail}); the run works on "
-            "copies and leaves yours unchanged (old-style torch.nn.utils.weight_norm: use "
-            "torch.nn.utils.parametrizations.weight_norm)"
-        ) from None
+        raise copy_failed(exc) from None
     original = original.to(device).eval()
     working = working.to(device)
     _check_forward(original, example_inputs, example_targets, loss, metric)
@@ -312,22 +309,6 @@ def _device(name: str) -> torch.device:
         detail = " ".join(str(exc).split())[:200]
         raise ConfigError(f"device {name!r} cannot be used on this machine: {detail}") from None
     return device
-
-
-def _check_values(model: nn.Module) -> None:
-    """ConfigError for weights that hold no values (the meta device) or non-finite ones
-    (buffers may: a causal mask of -inf is common)."""
-    params = {id(p) for p in model.parameters()}
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if tensor.is_meta:
-            raise ConfigError(
-                f"the model's '{name}' is on the meta device (it holds no values): build the "
-                "model with real weights, or load them (--weights) before compressing"
-            )
-        if id(tensor) in params and tensor.is_floating_point() and not bool(
-            torch.isfinite(tensor).all()
-        ):
-            raise ConfigError(f"the model's '{name}' holds NaN or infinite values")
 
 
 def _check_forward(

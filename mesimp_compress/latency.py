@@ -257,13 +257,18 @@ def dense_twin(model: nn.Module) -> nn.Module:
             if parametrize.is_parametrized(child):  # its weight is computed: leave it as it is
                 continue
             fresh = _fresh(child)
-            if fresh is not None:
-                state = child.state_dict()
-                floating = [t.dtype for t in state.values() if t.is_floating_point()]
-                if floating:  # built in the default dtype; a float64 model stays float64
-                    fresh.to(floating[0])
+            # a subclass with a forward or state of its own computes something else: kept
+            if fresh is None or type(child).forward is not type(fresh).forward:
+                continue
+            state = child.state_dict()
+            floating = [t.dtype for t in state.values() if t.is_floating_point()]
+            if floating:  # built in the default dtype; a float64 model stays float64
+                fresh.to(floating[0])
+            try:
                 fresh.load_state_dict(state)
-                setattr(module, name, fresh.eval())
+            except RuntimeError:  # extra or missing entries
+                continue
+            setattr(module, name, fresh.eval())
     return twin
 
 

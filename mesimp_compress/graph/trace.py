@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import DataError
+from ..errors import DataError, describe
 from . import ops
 from .labels import AxisLabel, Label, codes_of
 from .modules import LSTMRule, ModuleRule, rule_for
@@ -261,8 +261,8 @@ class Tracer(TorchFunctionMode):
         except Exception as err:
             where = self.stack[-1] if self.stack else type(self.model).__name__
             raise DataError(
-                f"the forward pass on the example inputs failed in '{where}': "
-                f"{type(err).__name__}: {err}"
+                f"the forward pass on the example inputs failed in '{where}' while the "
+                f"structure was traced: {describe(err)}"
             ) from err
         finally:
             for h in handles:
