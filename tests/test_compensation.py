@@ -14,7 +14,7 @@ from mesimp_compress.errors import ConfigError
 from mesimp_compress.graph import find_groups
 from mesimp_compress.plan import make_plan
 from mesimp_compress.surgery import ActivationMeans, apply_plan
-from mesimp_compress.surgery.compensation import RIDGE
+from mesimp_compress.surgery.compensation import FIT_ROWS, RIDGE
 
 torch.set_num_threads(1)
 
@@ -116,6 +116,24 @@ def test_substitute_is_the_least_squares_prediction() -> None:
     mean_only = plain.substitute("0", torch.tensor([1, 3]))
     assert mean_only.mix is None
     assert torch.allclose(mean_only.offset, x[:, [1, 3]].mean(0), atol=1e-5)
+
+
+def test_too_few_rows_to_fit_the_kept_inputs_give_mean_compensation() -> None:
+    """16 rows cannot fit a prediction from 30 kept inputs (the covariance is singular; a
+    deep MLP's outputs grew to 1e21 when such fits compounded): the mean stands in. With
+    FIT_ROWS rows per kept input, the fit is made."""
+    torch.manual_seed(2)
+    layer = nn.Linear(32, 2)
+    removed = torch.tensor([3, 7])
+    for rows, fitted in ((16, False), (FIT_ROWS * 30 - 1, False), (FIT_ROWS * 30, True)):
+        x = torch.randn(rows, 32)
+        with ActivationMeans(nn.Sequential(layer), covariance=True) as stats, torch.no_grad():
+            layer(x[: rows // 2])
+            layer(x[rows // 2:])  # counted over batches
+        sub = stats.substitute("0", removed)
+        assert (sub.mix is not None) is fitted, rows
+        if not fitted:
+            assert torch.allclose(sub.offset, x[:, removed].mean(0), atol=1e-5)
 
 
 def _error(model: nn.Module, reference: nn.Module, data: list) -> float:

@@ -11,7 +11,9 @@ replacements, measured on the data seen in the window:
   @ offset``. It keeps the part of the removed units that the kept ones explain (units that
   fire together), and reduces to ``mean`` when they explain nothing. It costs a (d x d)
   float64 covariance per consumer of d inputs and one solve per surgery; consumers of more
-  than ``MAX_COVARIANCE`` inputs (a Linear after Conv -> Flatten) get ``mean`` instead.
+  than ``MAX_COVARIANCE`` inputs (a Linear after Conv -> Flatten) get ``mean`` instead, and
+  so do consumers measured on fewer than ``FIT_ROWS`` rows per kept input (a window of one
+  small batch): such a fit is noise, and layer after layer it compounds.
 
 :class:`ActivationMeans` measures each consumer's input features with forward pre-hooks
 (``covariance=True`` for ``linear``); pass it to ``apply_plan(..., compensation=means)``.
@@ -37,6 +39,7 @@ from ..errors import ConfigError
 
 _KINDS = (nn.Linear, nn.Conv2d, nn.LSTM)
 RIDGE = 1e-3  # of the mean variance of the kept inputs: keeps the solve well posed
+FIT_ROWS = 2  # linear needs this many measured rows per kept input, else mean is used
 GRAM_ROWS = 1024  # second moments from at most this many rows (strided) of a batch
 MAX_COVARIANCE = 4096  # wider consumer inputs (e.g. Conv -> Flatten) get mean compensation
 
@@ -85,6 +88,7 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
         self._sums: dict[str, torch.Tensor] = {}
         self._grams: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._fitted: dict[str, int] = {}  # rows the second moments were measured on
         self._handles = [
             modules[name].register_forward_pre_hook(self._hook(name)) for name in chosen
         ]
@@ -119,11 +123,13 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
                     self._counts[name] = flat.shape[0]
                     if gram is not None:
                         self._grams[name] = gram
+                        self._fitted[name] = rows.shape[0]
                 else:
                     self._sums[name] = previous + total
                     self._counts[name] += flat.shape[0]
                     if gram is not None:
                         self._grams[name] += gram
+                        self._fitted[name] += rows.shape[0]
 
         return hook
 
@@ -148,7 +154,9 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
         keep[index] = False
         kept = keep.nonzero().squeeze(1)
         gram = self._grams.get(name)
-        if gram is None or kept.numel() == 0:
+        if gram is None or kept.numel() == 0 or self._fitted[name] < FIT_ROWS * kept.numel():
+            # too few rows to fit one weight per kept input (the covariance would be
+            # singular and the fit noise, amplified layer after layer): mean compensation
             return Substitute(removed, kept.to(removed.device), mean[index].float())
         cov = gram / self._counts[name] - torch.outer(mean, mean)
         c_kk = cov[kept][:, kept]
@@ -163,6 +171,7 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
         self._sums.clear()
         self._grams.clear()
         self._counts.clear()
+        self._fitted.clear()
 
     def all_reduce(self) -> None:
         """Sum the running sums, second moments and counts over torch.distributed ranks
@@ -171,7 +180,7 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
 
         all_reduce_means(self._sums, self._counts)
         if self._grams:
-            all_reduce_means(self._grams, {k: 0 for k in self._grams})
+            all_reduce_means(self._grams, self._fitted)
 
     def close(self) -> None:
         """Remove the hooks; the means measured so far stay readable."""
