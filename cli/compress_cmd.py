@@ -62,6 +62,9 @@ def compress(
     epochs: int | None = typer.Option(
         None, "--epochs", help="Epochs per pruning cycle and per normal cycle."
     ),
+    epoch_batches: int | None = typer.Option(
+        None, "--epoch-batches", help="Batches per epoch (default: one pass over the data)."
+    ),
     cycles: int | None = typer.Option(
         None, "--cycles", help="Number of (pruning, normal) cycle pairs."
     ),
@@ -164,6 +167,7 @@ def compress(
         "prune_rate": prune_rate,
         "window": window,
         "epochs": epochs,
+        "epoch_batches": epoch_batches,
         "cycles": cycles,
         "recovery_epochs": recovery_epochs,
         "lr": lr,

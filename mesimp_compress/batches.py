@@ -41,6 +41,10 @@ def user_code(what: str, where: str) -> Iterator[None]:
     ``__cause__``); the library's own errors and interrupts pass through unchanged."""
     try:
         yield
+    except DataError as exc:  # ours (the default loss or metric): named with the batch
+        if where in str(exc):
+            raise
+        raise type(exc)(f"{where}: {exc}") from exc
     except MesimpError:
         raise
     except Exception as exc:
@@ -71,6 +75,8 @@ def iterate(data: Iterable[Any], *, where: str) -> Iterator[Any]:
 def to_device(value: Any, device: torch.device | str) -> Any:
     """Move tensors (nested in tuples/lists/dicts) to ``device``."""
     if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            raise DataError("a batch holds a tensor on the meta device (it has no values)")
         return value.to(device, non_blocking=True)
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(v, device) for v in value)
@@ -102,16 +108,23 @@ def check_reiterable(data: Iterable[Any], *, where: str) -> None:
         )
 
 
-def count_batches(data: Iterable[Any], *, where: str) -> int:
-    """Number of batches per pass; the data must be re-iterable (not a one-shot generator)."""
+def count_batches(data: Iterable[Any], *, where: str, limit: int | None = None
+                  ) -> tuple[int, str]:
+    """Batches per epoch and where that number comes from: ``len(data)``, one counting
+    pass over data without a length, or ``limit`` (``epoch_batches``: no pass is counted,
+    so an endless stream works; a longer pass is cut there). The data must be re-iterable."""
     check_reiterable(data, where=where)
     try:
-        n = len(data)  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001 - no length (or a failing one): count a pass
-        n = sum(1 for _ in iterate(data, where=where))
+        n, source = len(data), "its len()"  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - no length (or a failing one)
+        if limit is not None:
+            return limit, "epoch_batches"
+        n, source = sum(1 for _ in iterate(data, where=where)), "its first pass"
     if n == 0:
         raise DataError(f"{where}: no batches")
-    return n
+    if limit is not None and limit < n:
+        return limit, "epoch_batches"
+    return n, source
 
 
 def first_batch(data: Iterable[Any], *, where: str) -> tuple[tuple[Any, ...], Any]:

@@ -45,6 +45,10 @@ class CompressConfig:
     """Window length as a fraction of an epoch (the paper: 1/8)."""
     epochs: int = 2
     """Epochs of each pruning cycle and of each normal cycle."""
+    epoch_batches: int | None = None
+    """Batches that make one epoch (None: a whole pass over the train data, counted by
+    ``len()`` or, without one, by a first pass). Needed for an endless stream; with finite
+    data, an epoch is at most one pass."""
     cycles: int = 1
     """How many (pruning cycle, normal cycle) pairs to run."""
     recovery_epochs: int = 2
@@ -142,6 +146,8 @@ class CompressConfig:
                     "`mesimp export` exports a model as it is"
                 )
         _int_min("epochs", self.epochs, 1)
+        if self.epoch_batches is not None:
+            _int_min("epoch_batches", self.epoch_batches, 1)
         _int_min("cycles", self.cycles, 1)
         _int_min("recovery_epochs", self.recovery_epochs, 0)
         _range("lr", self.lr, 0.0, math.inf, low_open=True)
@@ -252,6 +258,7 @@ _FLOAT_KEYS = {
 }
 _INT_KEYS = {
     "epochs",
+    "epoch_batches",
     "cycles",
     "recovery_epochs",
     "min_width",
@@ -276,7 +283,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
 
-    if value is None and key in {"max_drop", "threads", "opset", "output_layer", "bench_seq"}:
+    if value is None and key in {"max_drop", "threads", "opset", "output_layer", "bench_seq",
+                                 "epoch_batches"}:
         return None
     if key == "k":
         return value  # validated by _check_k with its own message

@@ -30,6 +30,11 @@ def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
             "the default loss/metric expect a tensor output and tensor targets; "
             f"got {type(outputs).__name__} and {type(targets).__name__} (pass --loss/--metric)"
         )
+    if targets.dim() == 0:
+        raise ShapeError(
+            "the targets hold one value, not a batch: each batch must hold several examples "
+            "(pass a DataLoader over your Dataset, not the Dataset itself)"
+        )
     if outputs.dim() == targets.dim() + 1 and outputs.shape[:-1] == targets.shape:
         return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
     raise ShapeError(
@@ -38,18 +43,31 @@ def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     )
 
 
+def _classes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class targets as int64; ShapeError for float targets or a class the logits lack."""
+    if labels.dtype.is_floating_point or labels.is_complex():
+        raise ShapeError(f"class targets must be integers, got {labels.dtype}")
+    labels = labels.long()  # int32, uint8, bool, ... as torch's losses want them
+    real = labels[labels != IGNORE_INDEX]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= logits.shape[-1]):
+        bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
+        raise ShapeError(
+            f"the targets hold class {bad}, but the model gives {logits.shape[-1]} class "
+            f"scores (classes 0..{logits.shape[-1] - 1}; {IGNORE_INDEX} marks padding)"
+        )
+    return logits, labels
+
+
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the non-padding positions."""
-    logits, labels = _flatten(outputs, targets)
-    if labels.dtype.is_floating_point:
-        raise ShapeError(f"class targets must be integers, got {labels.dtype}")
+    logits, labels = _classes(*_flatten(outputs, targets))
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
     """(correct, counted) over the non-padding positions."""
-    logits, labels = _flatten(outputs, targets)
+    logits, labels = _classes(*_flatten(outputs, targets))
     mask = labels != IGNORE_INDEX
     correct = (logits.argmax(-1) == labels) & mask
     return float(correct.sum()), float(mask.sum())

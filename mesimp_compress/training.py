@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from . import tasks
@@ -24,7 +25,7 @@ from .batches import batch_size, count_batches, iterate, split_batch, to_device,
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import CompressConfig
 from .distributed import World, wrap
-from .errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError
 from .events import EventSink, emit
 from .features import captured, layer_loss, matched_layers
 from .meprop import apply_meprop, remove_meprop, set_k
@@ -92,6 +93,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
             where = f"eval batch {i + 1}"
             with user_code("the model", where):
                 outputs = model(*inputs)
+            _check_outputs(outputs, inputs, where)
             with user_code("the metric", where):
                 value = metric(outputs, targets)
             s, c = tasks.metric_value(value, batch_size(inputs), where=where)
@@ -154,7 +156,10 @@ class FineTuner:
         self.frozen: set[str] = set()
         self.step = 0
         self.window_index = 0
-        self.n_batches = count_batches(train, where="train data")
+        self.n_batches, self.counted_by = count_batches(
+            train, where="train data", limit=config.epoch_batches
+        )
+        self._miscounted = False
         self.window_batches = max(1, round(config.window * self.n_batches))
 
     # ------------------------------------------------------------------ public
@@ -272,9 +277,12 @@ class FineTuner:
             batches=self.n_batches,
             skipped=skip,
         )
-        running, seen, in_window = 0.0, 0, 0
+        running, seen, in_window, count = 0.0, 0, 0, 0
         batches = iterate(self.train_data, where=f"train data (epoch {epoch + 1})")
         for i, batch in enumerate(batches):
+            if i == self.n_batches and self.cfg.epoch_batches is not None:
+                break  # an epoch is the first epoch_batches batches of a pass
+            count = i + 1
             if i < skip:
                 if i == skip - 1 and rng is not None:
                     set_rng_state(rng)  # the generators as they were at the checkpoint
@@ -283,12 +291,32 @@ class FineTuner:
             running += loss
             seen += 1
             in_window += 1
-            last = i == self.n_batches - 1
-            if last or (in_window >= self.window_batches and not self._short_tail(i)):
+            emit(self.sink, "step", epoch=epoch, batch=i + 1, batches=self.n_batches, loss=loss)
+            if in_window >= self.window_batches and not self._short_tail(i):
                 self._end_window(phase, epoch, running / seen)
                 running, seen, in_window = 0.0, 0, 0
-                self._checkpoint(epoch + 1 if last else epoch, 0 if last else i + 1)
-            emit(self.sink, "step", epoch=epoch, batch=i + 1, batches=self.n_batches, loss=loss)
+                self._checkpoint(epoch, i + 1)
+        self._check_count(count, epoch)
+        if in_window:  # the epoch's last window ends with its data, however long it was
+            self._end_window(phase, epoch, running / seen)
+            self._checkpoint(epoch + 1, 0)
+
+    def _check_count(self, count: int, epoch: int) -> None:
+        """An epoch whose data ended early or ran on: windows stay sized from the count
+        the run started with (a note says so, once); no batch at all is an error."""
+        if count == 0:
+            raise DataError(f"train data (epoch {epoch + 1}): no batches")
+        if count == self.n_batches or self._miscounted:
+            return
+        self._miscounted = True
+        emit(
+            self.sink,
+            "note",
+            message=f"train data gave {count} batches in epoch {epoch + 1}, not the "
+            f"{self.n_batches} {self.counted_by} gives: windows stay {self.window_batches} "
+            "batches long, and each epoch's last window ends with its data (set "
+            "epoch_batches to fix the length of an epoch)",
+        )
 
     def _short_tail(self, i: int) -> bool:
         """Whether the batches left after batch ``i`` are under half a window: they join this
@@ -318,10 +346,10 @@ class FineTuner:
                 loss = loss + self.cfg.layer_weight * layer_loss(mine, theirs, self.layers)
         value = float(loss.detach())
         if not math.isfinite(value):
+            _check_batch(inputs, targets, where)  # the data's fault, if it is
             raise NonFiniteLossError(
-                f"loss became {value} at epoch {epoch + 1}, window {self.window_index}, "
-                f"step {self.step}; "
-                "lower the learning rate or check the data"
+                f"loss became {value} on {where}, step {self.step + 1}; lower the learning "
+                "rate or check the data"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -529,6 +557,30 @@ class FineTuner:
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _check_outputs(outputs: Any, inputs: tuple[Any, ...], where: str) -> None:
+    """DataError when the model's outputs hold NaN (naming the input that does, if one)."""
+    if not any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any())
+               for t in pytree.tree_leaves(outputs)):
+        return
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and bool(x.isnan().any()):
+            raise DataError(f"{where}: input {i} holds NaN values")
+    raise DataError(f"{where}: the model's outputs hold NaN values")
+
+
+def _check_batch(inputs: tuple[Any, ...], targets: Any, where: str) -> None:
+    """DataError when a batch that gave a non-finite loss is empty or holds NaN/inf."""
+    if batch_size(inputs) == 0:
+        raise DataError(f"{where} has no examples")
+    for i, x in enumerate(inputs):  # (an infinite input may be meant: an additive mask)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and bool(x.isnan().any()):
+            raise DataError(f"{where}: input {i} holds NaN values (the loss became NaN on it)")
+    for t in pytree.tree_leaves(targets):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all()):
+            raise DataError(f"{where}: its targets hold NaN or infinite values (the loss "
+                            "became non-finite on them)")
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -150,7 +150,8 @@ def test_an_export_failure_leaves_no_folder_and_no_staging(tmp_path, data, monke
 @pytest.mark.parametrize(
     ("spoil", "message"),
     [
-        ("label", r"the loss failed on train batch 3 \(epoch 1\): IndexError"),
+        ("label", r"train batch 3 \(epoch 1\): the targets hold class 99, but the model gives "
+                  r"4 class scores"),
         ("shape", r"the model failed on train batch 3 \(epoch 1\): RuntimeError"),
         ("eval", r"the model failed on eval batch 2: RuntimeError"),
     ],
@@ -170,6 +171,41 @@ def test_a_bad_batch_after_the_first_is_a_data_error_naming_it(tmp_path, data, s
     with pytest.raises(mc.DataError, match=message) as info:
         mc.compress(_tiny.mlp(), train, eval_data, config=CFG, out=tmp_path / "out")
     assert info.value.__cause__ is not None  # the user's own error stays chained
+
+
+def _spoiled(batches, index, how):
+    batches = list(batches)
+    x, y = batches[index]
+    if how == "nan":
+        x = x.clone()
+        x[0, 0] = float("nan")
+    elif how == "empty":
+        x, y = x[:0], y[:0]
+    else:
+        x = x.to("meta")
+    batches[index] = (x, y)
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("where", "how", "message"),
+    [
+        ("train", "nan", r"train batch 3 \(epoch 1\): input 0 holds NaN values"),
+        ("train", "empty", r"train batch 3 \(epoch 1\) has no examples"),
+        ("train", "meta", r"a batch holds a tensor on the meta device"),
+        ("eval", "nan", r"eval batch 2: input 0 holds NaN values"),
+    ],
+)
+def test_nan_empty_or_meta_data_after_the_first_batch_is_named(tmp_path, data, where, how,
+                                                                message) -> None:
+    train, eval_data = list(data[0]), list(data[1])
+    if where == "train":
+        train = _spoiled(train, 2, how)
+    else:
+        eval_data = _spoiled(eval_data, 1, how)
+    with pytest.raises(mc.DataError, match=message):
+        mc.compress(_tiny.mlp(), train, eval_data, config=CFG, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out").exists()
 
 

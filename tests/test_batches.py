@@ -27,7 +27,7 @@ def test_generators_and_empty_data_are_refused():
         count_batches([], where="train data")
     with pytest.raises(DataError, match="no batches"):
         first_batch([], where="eval data")
-    assert count_batches([(torch.zeros(1), torch.zeros(1))] * 3, where="x") == 3
+    assert count_batches([(torch.zeros(1), torch.zeros(1))] * 3, where="x") == (3, "its len()")
 
 
 def test_data_that_is_not_iterable_is_a_data_error():
@@ -44,4 +44,17 @@ def test_a_length_that_fails_is_counted_by_a_pass_instead():
         def __len__(self):
             raise RuntimeError("no len")
 
-    assert count_batches(NoLen([1, 2, 3]), where="train data") == 3
+    assert count_batches(NoLen([1, 2, 3]), where="train data") == (3, "its first pass")
+
+
+def test_epoch_batches_cuts_a_pass_and_spares_the_counting_pass():
+    from mesimp_compress.batches import count_batches
+
+    class Endless:  # no len(): without a limit, counting it would never end
+        def __iter__(self):
+            while True:
+                yield 1
+
+    assert count_batches(Endless(), where="train data", limit=7) == (7, "epoch_batches")
+    assert count_batches([1] * 5, where="train data", limit=3) == (3, "epoch_batches")
+    assert count_batches([1] * 5, where="train data", limit=9) == (5, "its len()")

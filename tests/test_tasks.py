@@ -27,6 +27,30 @@ def test_shape_mismatch_names_both_shapes():
         tasks.cross_entropy(torch.zeros(4, 10), torch.zeros(5, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int8])
+def test_integer_targets_of_any_width_are_classes(dtype):
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [0.0, 0.0, 4.0]])
+    wide = torch.tensor([0, 2, 2])
+    assert torch.equal(tasks.cross_entropy(logits, wide.to(dtype)),
+                       tasks.cross_entropy(logits, wide))
+    assert tasks.accuracy(logits, wide.to(dtype)) == (2.0, 3.0)
+
+
+@pytest.mark.parametrize("bad", [3, -2])
+def test_a_class_the_model_has_no_score_for_is_refused(bad):
+    targets = torch.tensor([0, bad, -100])  # (-100 is padding, not a class)
+    for fn in (tasks.cross_entropy, tasks.accuracy):
+        with pytest.raises(ShapeError, match=rf"the targets hold class {bad}, but the model "
+                                             r"gives 3 class scores \(classes 0..2"):
+            fn(torch.zeros(3, 3), targets)
+
+
+def test_single_example_targets_are_refused_not_trained_unbatched():
+    # a Dataset passed for a DataLoader: (features,) inputs and 0-d labels
+    with pytest.raises(ShapeError, match="the targets hold one value, not a batch.*DataLoader"):
+        tasks.cross_entropy(torch.zeros(3), torch.tensor(1))
+
+
 def test_distillation_is_zero_for_identical_logits_and_positive_otherwise():
     s = torch.randn(6, 5)
     y = torch.randint(0, 5, (6,))

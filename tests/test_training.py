@@ -11,7 +11,7 @@ from torch import nn
 
 from mesimp_compress import tasks
 from mesimp_compress.config import CompressConfig
-from mesimp_compress.errors import NonFiniteLossError
+from mesimp_compress.errors import DataError, NonFiniteLossError
 from mesimp_compress.events import Event
 from mesimp_compress.simplify import Simplifier
 from mesimp_compress.training import FineTuner
@@ -41,7 +41,7 @@ def data():
 def tuner(model, data, events=None, **settings) -> FineTuner:
     cfg = CompressConfig(**{**BASE, **settings})
     train, evaluation = data
-    simp = Simplifier.build(model, train[0][0], cfg)
+    simp = Simplifier.build(model, next(iter(train))[0], cfg)
     return FineTuner(model, None, train, evaluation, simp, cfg,
                      sink=events.append if events is not None else None)
 
@@ -99,7 +99,7 @@ def test_rollback_restores_pre_prune_widths_and_freezes_the_key(data) -> None:
     assert "rollback" in kinds and kinds.index("rollback") > kinds.index("prune")
 
 
-def test_nan_loss_names_the_window(data) -> None:
+def test_nan_loss_names_the_batch(data) -> None:
     calls = {"n": 0}
 
     def loss(outputs, targets):
@@ -112,7 +112,8 @@ def test_nan_loss_names_the_window(data) -> None:
     model = _tiny.mlp()
     simp = Simplifier.build(model, train[0][0], cfg)
     ft = FineTuner(model, None, train, evaluation, simp, cfg, loss=loss)
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1, window 2\b"):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"loss became nan on train batch 5 \(epoch 1\), step 5;"):
         ft.run()
 
 
@@ -142,6 +143,75 @@ def test_a_short_last_window_joins_the_one_before(data) -> None:
     ft = tuner(_tiny.mlp(), data, k=6, prune_rate=0.5, window=6 / 8, lr=1e-2)
     assert ft.window_batches == 6
     assert [r.step for r in ft.run().history][:2] == [8, 16]
+
+
+class _Lying:
+    """Batches whose len() is not what a pass yields (here: examples, not batches)."""
+
+    def __init__(self, batches, length):
+        self.batches, self.length = batches, length
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return self.length
+
+
+class _Endless:
+    """An endless stream of batches without a len()."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        while True:
+            yield from self.batches
+
+
+def test_data_that_yields_fewer_batches_than_its_len_still_closes_its_windows(data) -> None:
+    train, evaluation = data
+    events: list[Event] = []
+    lying = (_Lying(train, 8 * len(train)), evaluation)  # 64 claimed, 8 yielded
+    ft = tuner(_tiny.mlp(), lying, events, k=6, prune_rate=0.5, window=0.25, lr=1e-2)
+    assert ft.window_batches == 16
+    result = ft.run()
+    # each epoch's window ends with its data: one window per epoch, and it prunes
+    assert [r.step for r in result.history] == [8, 16]
+    assert result.history[0].pruned
+    notes = [e.data["message"] for e in events if e.kind == "note"]
+    assert len(notes) == 1 and notes[0].startswith(
+        "train data gave 8 batches in epoch 1, not the 64 its len() gives")
+
+
+def test_epoch_batches_makes_epochs_of_an_endless_stream(data) -> None:
+    train, evaluation = data
+    ft = tuner(_tiny.mlp(), (_Endless(train), evaluation), k=6, prune_rate=0.5, window=0.5,
+               lr=1e-2, epoch_batches=6)
+    assert (ft.n_batches, ft.window_batches) == (6, 3)
+    result = ft.run()
+    assert [r.step for r in result.history] == [3, 6, 9, 12]
+    # a finite pass is cut at epoch_batches too
+    ft = tuner(_tiny.mlp(), data, k=6, window=0.5, epoch_batches=4)
+    assert [r.step for r in ft.run().history] == [2, 4, 6, 8]
+
+
+def test_a_later_pass_without_batches_is_a_data_error(data) -> None:
+    train, evaluation = data
+
+    class Once:
+        passes = 0
+
+        def __iter__(self):
+            Once.passes += 1
+            return iter(train if Once.passes <= 2 else [])  # the trace's pass, epoch 1
+
+        def __len__(self):
+            return len(train)
+
+    ft = tuner(_tiny.mlp(), (Once(), evaluation), k=6, window=0.5, epochs=2)
+    with pytest.raises(DataError, match=r"train data \(epoch 2\): no batches"):
+        ft.run()
 
 
 def test_a_rollback_names_and_freezes_every_prune_it_undoes() -> None:
