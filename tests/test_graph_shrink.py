@@ -184,3 +184,24 @@ def test_many_groups_of_one_width_are_still_prunable_when_independent():
                           nn.Linear(3, 2)).eval()  # five width-3 groups: counts collide
     structure = find_groups(model, torch.randn(4, 3))
     assert set(structure.groups) == {"0", "2", "4", "6", "8"}
+
+
+class AuxHead(nn.Module):
+    """An Inception-style auxiliary head that reads fc1 in training only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(12, 32), nn.Linear(32, 24), nn.Linear(24, 4)
+        self.aux = nn.Linear(32, 4)
+        self.drop = nn.Dropout(0.5)  # train-mode values differ by shape: only shapes compared
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        out = self.out(self.drop(torch.relu(self.fc2(h))))
+        return (out, self.aux(h)) if self.training else out
+
+
+def test_a_layer_read_by_a_training_only_head_is_left_alone():
+    structure = find_groups(AuxHead(), torch.randn(8, 12))
+    assert set(structure.groups) == {"fc2"}
+    assert "train-mode forward fails" in structure.reason("fc1")

@@ -1,17 +1,18 @@
 """The last step of :func:`find_groups`: check that the model really follows a smaller width.
 
 The trace sees one forward pass at the original widths. Code that writes a width down as
-numbers (``x.view(-1, 16 * 4 * 4)``, ``h.view(B, T, 3, 4)``, ``unflatten(-1, (3, 4))``)
-looks like plain movement there, yet fails or scrambles the units once a layer loses some.
-So each group is shrunk on a copy of the model, and the copy must give the outputs of the
-original with the removed units' reads zeroed (the masked twin); a group that does not is left
-alone, with what went wrong as its reason. Groups of one width lose different numbers of
-units (2, 3, ..., then 1), taken from both ends first (a one-sided reflect pad or a shift
-shows at one end only): groups whose widths the model ties together without mixing their
-units (branches concatenated along the batch, stacked then split, ``view_as``) or whose units
-it mixes by position (a channel shuffle after a concat) then fail. All groups are shrunk
-together first, so a model that follows every width pays for one check; a group that shares
-its width and count with another (more groups of one width than it has units) is also
+numbers (``x.view(-1, 16 * 4 * 4)``, ``h.view(B, T, 3, 4)``, ``unflatten(-1, (3, 4))``) looks
+like plain movement there, yet fails or scrambles the units once a layer loses some. So each
+group is shrunk on a copy of the model, and the copy must give the outputs of the original with
+the removed units' reads zeroed (the masked twin), and in train mode outputs of the same shapes
+(a training-only head that reads a hidden layer is invisible to the eval-mode trace); a group
+that does not is left alone, with what went wrong as its reason. Groups of one width lose
+different numbers of units (2, 3, ..., then 1), taken from both ends first (a one-sided reflect
+pad or a shift shows at one end only): groups whose widths the model ties together without
+mixing their units (branches concatenated along the batch, stacked then split, ``view_as``) or
+whose units it mixes by position (a channel shuffle after a concat) then fail. All groups are
+shrunk together first, so a model that follows every width pays for one check; a group that
+shares its width and count with another (more groups of one width than it has units) is also
 shrunk alone.
 """
 
@@ -105,10 +106,33 @@ def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
     except MesimpError as exc:  # surgery refused a member
         return f"{named} cannot shrink: {exc}"
     except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
-        text = " ".join(str(exc).split())[:160]
-        return f"the model fails once {named} loses units ({type(exc).__name__}: {text})"
+        return f"the model fails once {named} loses units ({_quote(exc)})"
     problem = _difference(expected, got)
+    if problem is None:
+        problem = _in_training(masked, shrunk, example_inputs)
     return None if problem is None else f"the model does not follow a smaller {named}: {problem}"
+
+
+def _in_training(masked: nn.Module, shrunk: nn.Module, example_inputs: Any) -> str | None:
+    """What goes wrong in train mode, which the eval-mode trace does not see (a training-
+    only head reading a hidden layer): same output shapes required, values may differ
+    (dropout, batch statistics). A model that fails in train mode on this batch anyway
+    (BatchNorm on one example) is not judged here."""
+    try:
+        expected = _run(masked.train(), example_inputs)
+    except Exception:  # noqa: BLE001
+        return None
+    try:
+        got = _run(shrunk.train(), example_inputs)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
+        return f"its train-mode forward fails ({_quote(exc)})"
+    if [e.shape for e in expected] != [g.shape for g in got]:
+        return "its train-mode outputs change shape"
+    return None
+
+
+def _quote(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
 
 
 def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
