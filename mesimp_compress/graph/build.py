@@ -61,6 +61,7 @@ class _Assembler:
         self.allow_residual = allow_residual
         self.exclude = exclude
         self.out = out
+        self._reader_index: dict[int, list[int]] | None = None
 
     # ------------------------------------------------------------ helpers
     def gids(self, codes: torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,18 @@ class _Assembler:
                         )
 
     # ------------------------------------------------------------ output
+    def _readers(self) -> dict[int, list[int]]:
+        """Group id -> indices of the member records that read its units (computed once:
+        scanning every record for every group was quadratic in the model's depth)."""
+        if self._reader_index is None:
+            index: dict[int, list[int]] = {}
+            for r, record in enumerate(self.tracer.members):
+                for gid in torch.unique(self.gids(record.codes)).tolist():
+                    if gid >= 0:
+                        index.setdefault(gid, []).append(r)
+            self._reader_index = index
+        return self._reader_index
+
     def members_of(self, gids: Sequence[int], width: int) -> tuple[Member, ...]:
         members = []
         for gid in gids:
@@ -182,7 +195,9 @@ class _Assembler:
             else:
                 attr = _OUT_ATTR[info.kind]
                 members.append(Member(info.module, info.kind, ROLE_OUT, width, attr, identity))
-        for record in self.tracer.members:
+        readers = self._readers()
+        for r in sorted({r for gid in gids for r in readers.get(gid, ())}):
+            record = self.tracer.members[r]
             positions = _positions(record, [self.infos[g] for g in gids], width)
             if positions is not None:
                 members.append(

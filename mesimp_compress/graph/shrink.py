@@ -11,9 +11,9 @@ different numbers of units (2, 3, ..., then 1), taken from both ends first (a on
 pad or a shift shows at one end only): groups whose widths the model ties together without
 mixing their units (branches concatenated along the batch, stacked then split, ``view_as``) or
 whose units it mixes by position (a channel shuffle after a concat) then fail. All groups are
-shrunk together first, so a model that follows every width pays for one check; a group that
-shares its width and count with another (more groups of one width than it has units) is also
-shrunk alone.
+shrunk together, so a model that follows every width pays for one check (one per round, and
+one more, when a width has more groups than counts); when the model does not follow, halves
+are checked until the groups that fail alone are found.
 """
 
 from __future__ import annotations
@@ -35,18 +35,53 @@ def followed(model: nn.Module, example_inputs: Any, structure: Structure) -> Str
     units = _units(structure)
     if not units:
         return structure
-    gone, crowded = _removals(structure, units)
-    if _failure(model, example_inputs, structure, units, gone) is None:
-        units = crowded  # only these could hide a tie from the joint check
+    gone, rounds = _removals(structure, units)
+    failures: dict[tuple[str, ...], str] = {}
+    for entries in rounds:
+        failures.update(_failing(model, example_inputs, structure, entries, gone))
+    if len(rounds) > 1:  # the rounds together, for what only their union shows
+        survivors = [keys for keys in units if keys not in failures]
+        failures.update(_failing(model, example_inputs, structure, survivors, gone))
     skipped = list(structure.skipped)
     dropped: set[str] = set()
-    for keys in units:
-        failure = _failure(model, example_inputs, structure, [keys], gone)
-        if failure is not None:
-            dropped.update(keys)
-            skipped += [Skipped(key, failure) for key in keys]
+    for keys, failure in failures.items():
+        dropped.update(keys)
+        skipped += [Skipped(key, failure) for key in keys]
     groups = {k: g for k, g in structure.groups.items() if k not in dropped}
     return Structure(groups, skipped)
+
+
+def _failing(model: nn.Module, example_inputs: Any, structure: Structure,
+             entries: list[tuple[str, ...]], gone: dict[str, set[int]]
+             ) -> dict[tuple[str, ...], str]:
+    """The entries to leave alone, with why: shrunk together they must be followed; when
+    they are not, halves are checked (so one failing group among n costs about 2 log n
+    checks, not n), then the rest together again."""
+    found: dict[tuple[str, ...], str] = {}
+    while entries:
+        failure = _failure(model, example_inputs, structure, entries, gone)
+        if failure is None:
+            break
+        bad = _bisect(model, example_inputs, structure, entries, gone, failure)
+        found.update(bad)
+        entries = [keys for keys in entries if keys not in bad]
+    return found
+
+
+def _bisect(model: nn.Module, example_inputs: Any, structure: Structure,
+            entries: list[tuple[str, ...]], gone: dict[str, set[int]], failure: str
+            ) -> dict[tuple[str, ...], str]:
+    """Entries of ``entries`` (which fail together with ``failure``) that fail on their own;
+    all of them when each half is followed and only the whole is not."""
+    if len(entries) == 1:
+        return {entries[0]: failure}
+    found: dict[tuple[str, ...], str] = {}
+    half = len(entries) // 2
+    for part in (entries[:half], entries[half:]):
+        problem = _failure(model, example_inputs, structure, part, gone)
+        if problem is not None:
+            found.update(_bisect(model, example_inputs, structure, part, gone, problem))
+    return found or {keys: failure for keys in entries}
 
 
 def _units(structure: Structure) -> list[tuple[str, ...]]:
@@ -60,21 +95,26 @@ def _units(structure: Structure) -> list[tuple[str, ...]]:
 
 
 def _removals(structure: Structure, units: list[tuple[str, ...]]
-              ) -> tuple[dict[str, set[int]], list[tuple[str, ...]]]:
-    """The units each key loses in the check, and the entries that share a width and a
-    count with another one (so the joint check cannot tell them apart)."""
+              ) -> tuple[dict[str, set[int]], list[list[tuple[str, ...]]]]:
+    """The units each key loses in the check, and the rounds to check: entries of one width
+    lose different counts within a round (a width has width - 1 counts: more entries of it
+    than that spill into further rounds, as a tie between two entries that lose the same
+    units would not show)."""
     gone: dict[str, set[int]] = {}
-    seen: dict[int, list[tuple[str, ...]]] = {}
+    seen: dict[int, int] = {}
+    rounds: list[list[tuple[str, ...]]] = []
     for keys in units:
         width = next(structure.groups[k].width for k in keys if k in structure.groups)
-        same = seen.setdefault(width, [])
+        index = seen.get(width, 0)
+        seen[width] = index + 1
         counts = [*range(2, width), 1]  # 2, 3, ..., width - 1, then 1: one unit always stays
-        lost = set(_from_both_ends(width)[: counts[len(same) % len(counts)]])
-        same.append(keys)
+        lost = set(_from_both_ends(width)[: counts[index % len(counts)]])
         gone.update({k: lost for k in keys})
-    crowded = [keys for width, entries in seen.items() if len(entries) > width - 1
-               for keys in entries]
-    return gone, crowded
+        round_no = index // len(counts)
+        while len(rounds) <= round_no:
+            rounds.append([])
+        rounds[round_no].append(keys)
+    return gone, rounds
 
 
 def _from_both_ends(width: int) -> list[int]:
