@@ -205,3 +205,32 @@ def test_a_layer_read_by_a_training_only_head_is_left_alone():
     structure = find_groups(AuxHead(), torch.randn(8, 12))
     assert set(structure.groups) == {"fc2"}
     assert "train-mode forward fails" in structure.reason("fc1")
+
+
+class _DeepWithOneLiteral(nn.Module):
+    """32 Linear(8, 8) layers; the output of layer 20 is reshaped by a literal width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(32))
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = torch.relu(layer(x))
+            if i == 20:
+                x = x.view(-1, 2, 4).flatten(1)
+        return self.out(x)
+
+
+def test_one_failing_group_among_many_is_found_by_halves(monkeypatch):
+    from mesimp_compress.graph import shrink
+
+    calls = []
+    real = shrink._failure
+    monkeypatch.setattr(shrink, "_failure", lambda *a: calls.append(a[3]) or real(*a))
+    structure = find_groups(_DeepWithOneLiteral().eval(), torch.randn(4, 8))
+    # 32 groups of width 8 (7 counts each round): 5 rounds, then all together
+    assert set(structure.groups) == {f"layers.{i}" for i in range(32)} - {"layers.20"}
+    assert "[-1, 2, 4]" in structure.reason("layers.20")
+    assert len(calls) == 13  # 5 rounds, 7 halves, the survivors together (was 1 per group)
