@@ -137,59 +137,70 @@ def _run(
 
     simplifier = Simplifier.build(working, to_device(example_inputs, device), cfg)
     emit(sink, "structure", groups=simplifier.widths(), skipped=simplifier.skipped())
-    tuner = FineTuner(
-        working,
-        original if cfg.distill > 0 or cfg.distill_layers else None,
-        train,
-        eval_data,
-        simplifier,
-        cfg,
-        loss=loss,
-        metric=metric,
-        sink=sink,
-        checkpoint=checkpointer,
-        resume=state,
-        world=world,
-    )
-    tuned = tuner.run()
-    del tuner  # its DDP wrapper must go before the process group does
-    distributed.teardown(world, together=True)  # only rank 0 goes on to export
-    plan = simplifier.final_plan()
-    result = CompressResult(
-        model=tuned.model,
-        plan=plan,
-        history=tuned.history,
-        rollbacks=tuned.rollbacks,
-        metric_before=tuned.metric_before,
-        metric_after=tuned.metric_after,
-        skipped=simplifier.skipped(),
-        widths_before={key: simplifier.original_widths[key] for key in tuned.kept},
-    )
-    if output is not None:
-        from .pipeline import export_and_verify
+    proof = None
+    try:
+        if output is not None:  # the original's file first: what cannot be proven fails now
+            from .pipeline import prove_original
 
-        try:
-            result.report = export_and_verify(
-                output,
-                original=original,
-                compressed=tuned.model,
-                example_inputs=example_inputs,
-                eval_data=eval_data,
-                plan=plan,
-                config=cfg,
-                tuned=tuned,
-                skipped=result.skipped,
-                metric=metric,
-                sink=sink,
-                factory=factory,
-            )
-        except BaseException:
-            # a published folder (a parity failure is published, marked failed; a sink may
-            # raise on 'written') ends the run: its checkpoint goes
-            if checkpointer is not None and output.published:
-                checkpointer.clear()
-            raise
-        result.out = output.path
+            proof = prove_original(output, original, example_inputs, eval_data, cfg, metric, sink)
+        tuner = FineTuner(
+            working,
+            original if cfg.distill > 0 or cfg.distill_layers else None,
+            train,
+            eval_data,
+            simplifier,
+            cfg,
+            loss=loss,
+            metric=metric,
+            sink=sink,
+            checkpoint=checkpointer,
+            resume=state,
+            world=world,
+        )
+        tuned = tuner.run()
+        del tuner  # its DDP wrapper must go before the process group does
+        distributed.teardown(world, together=True)  # only rank 0 goes on to export
+        plan = simplifier.final_plan()
+        result = CompressResult(
+            model=tuned.model,
+            plan=plan,
+            history=tuned.history,
+            rollbacks=tuned.rollbacks,
+            metric_before=tuned.metric_before,
+            metric_after=tuned.metric_after,
+            skipped=simplifier.skipped(),
+            widths_before={key: simplifier.original_widths[key] for key in tuned.kept},
+        )
+        if output is not None:
+            from .pipeline import export_and_verify
+
+            try:
+                result.report = export_and_verify(
+                    output,
+                    proof=proof,
+                    original=original,
+                    compressed=tuned.model,
+                    example_inputs=example_inputs,
+                    eval_data=eval_data,
+                    plan=plan,
+                    config=cfg,
+                    tuned=tuned,
+                    skipped=result.skipped,
+                    metric=metric,
+                    sink=sink,
+                    factory=factory,
+                )
+            except BaseException:
+                # a published folder (a parity failure is published, marked failed; a sink may
+                # raise on 'written') ends the run: its checkpoint goes
+                if checkpointer is not None and output.published:
+                    checkpointer.clear()
+                raise
+            result.out = output.path
+    except BaseException:
+        if output is not None and not output.published:
+            output.discard()  # original.onnx was staged before fine-tuning
+        raise
     if checkpointer is not None:
         checkpointer.clear()
     return result

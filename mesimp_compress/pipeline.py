@@ -1,13 +1,17 @@
-"""After fine-tuning: export both models, prove the result in onnxruntime, write the folder.
+"""Export both models, prove the result in onnxruntime, write the folder.
 
-Order: export ``original.onnx`` and ``model.onnx`` (compressed) (and, in a scratch folder, the dense
-twin of the compressed model as the physical reference); prove the compressed file shrank
-layer by layer; check ORT-vs-PyTorch parity of both on real eval batches; evaluate the task
-metric in ORT; optionally quantize to int8; time all models interleaved; save ``plan.json`` +
-``weights.pt`` and the plots; write ``report.json`` last and publish the folder atomically.
+Before fine-tuning, :func:`prove_original` exports ``original.onnx`` and checks it in
+onnxruntime (parity on eval batches, the metric): a model or data that cannot be exported or
+checked fails there, not after hours of training. After fine-tuning, :func:`export_and_verify`
+exports ``model.onnx`` (compressed) (and, in a scratch folder, the dense twin of the
+compressed model as the physical reference); proves the compressed file shrank layer by
+layer; checks its ORT-vs-PyTorch parity on real eval batches; evaluates the task metric in
+ORT; optionally quantizes to int8; times all models interleaved; saves ``plan.json`` +
+``weights.pt`` and the plots; writes ``report.json`` last and publishes the folder atomically.
 
-A parity failure still publishes the folder, with ``report.json`` marked ``"failed"``, and
-then raises :class:`ParityError`; any other error leaves no folder behind.
+A parity failure of the compressed model still publishes the folder, with ``report.json``
+marked ``"failed"``, and then raises :class:`ParityError`; the original's raises before
+fine-tuning; any other error leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import copy
 import os
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +36,63 @@ ORIGINAL, COMPRESSED, REFERENCE, INT8 = "original", "compressed", "reference", "
 INT8_TOLERANCE = (0.05, 0.05)  # int8 parity is recorded, not enforced: it is a lossy format
 
 
+@dataclass
+class OriginalProof:
+    """The original model's file, exported and checked in onnxruntime before fine-tuning."""
+
+    export: Any  # ExportResult
+    parity: Any  # ParityResult
+    metric: float  # the task metric of original.onnx on the eval data
+
+
+def prove_original(
+    output: OutputDir,
+    original: nn.Module,
+    example_inputs: tuple[Any, ...],
+    eval_data: Iterable[Any],
+    cfg: CompressConfig,
+    metric: Any = None,
+    sink: EventSink | None = None,
+) -> OriginalProof:
+    """Export ``original.onnx`` into the staging folder and check it: ParityError when
+    onnxruntime disagrees with PyTorch on the original already (no compressed model could
+    then be proven; adjust atol/rtol or opset)."""
+    from .export import export_onnx
+    from .verify import check_parity, evaluate_onnx, make_session, parity_inputs
+
+    emit(sink, "stage", message="exporting and checking the original model (before fine-tuning)")
+    on_cpu = all(t.device.type == "cpu" for t in original.state_dict().values())
+    before = original if on_cpu else copy.deepcopy(original).cpu()  # (a teacher stays put)
+    before.eval()
+    inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    path = output.file("original.onnx")
+    exported = export_onnx(before, inputs, path, opset=cfg.opset, sink=sink)
+    session = make_session(path)
+    batches, names = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
+    try:
+        parity = check_parity(
+            session,
+            before,
+            batches,
+            atol=cfg.atol,
+            rtol=cfg.rtol,
+            label=ORIGINAL,
+            input_names=exported.input_names,
+            where=names,
+        )
+    except ParityError as exc:
+        raise ParityError(f"before fine-tuning, {exc}; nothing was trained (set atol/rtol or "
+                          "opset)") from None
+    with torch.no_grad():
+        like = before(*inputs)  # ORT's flat outputs go to the metric in this structure
+    value = evaluate_onnx(session, eval_data, metric, input_names=exported.input_names, like=like)
+    return OriginalProof(exported, parity, value)
+
+
 def export_and_verify(
     output: OutputDir,
     *,
+    proof: OriginalProof,
     original: nn.Module,
     compressed: nn.Module,
     example_inputs: tuple[Any, ...],
@@ -50,6 +109,7 @@ def export_and_verify(
     try:
         report = _prove(
             output,
+            proof,
             original,
             compressed,
             example_inputs,
@@ -74,6 +134,7 @@ def export_and_verify(
 
 def _prove(
     output: OutputDir,
+    proof: OriginalProof,
     original: nn.Module,
     compressed: nn.Module,
     example_inputs: tuple[Any, ...],
@@ -99,8 +160,8 @@ def _prove(
     paths = {ORIGINAL: output.file("original.onnx"), COMPRESSED: output.file("model.onnx")}
     with tempfile.TemporaryDirectory(prefix="mesimp-ref-") as scratch:
         exports = {
-            label: export_onnx(model, inputs, paths[label], opset=cfg.opset, sink=sink)
-            for label, model in ((ORIGINAL, before), (COMPRESSED, after))
+            ORIGINAL: proof.export,
+            COMPRESSED: export_onnx(after, inputs, paths[COMPRESSED], opset=cfg.opset, sink=sink),
         }
         names = exports[COMPRESSED].input_names
         emit(sink, "stage", message="checking that every pruned layer shrank in ONNX")
@@ -113,32 +174,31 @@ def _prove(
         )
 
         emit(sink, "stage", message="checking parity in onnxruntime")
-        sessions = {label: make_session(paths[label]) for label in (ORIGINAL, COMPRESSED)}
-        batches = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
+        session = make_session(paths[COMPRESSED])
+        batches, where = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
         parity = {
-            label: check_parity(
-                sessions[label],
-                model,
+            ORIGINAL: proof.parity,
+            COMPRESSED: check_parity(
+                session,
+                after,
                 batches,
                 atol=cfg.atol,
                 rtol=cfg.rtol,
-                label=label,
+                label=COMPRESSED,
                 input_names=names,
                 raise_on_fail=False,
-            )
-            for label, model in ((ORIGINAL, before), (COMPRESSED, after))
+                where=where,
+            ),
         }
-        emit(sink, "stage", message="evaluating both ONNX models")
+        emit(sink, "stage", message="evaluating the compressed ONNX model")
         with torch.no_grad():
             like = after(*inputs)  # ORT's flat outputs go to the metric in this structure
         metrics = {
             "name": getattr(metric, "__name__", None) or "accuracy",
             "torch_before": tuned.metric_before,
             "torch_after": tuned.metric_after,
-            "ort_before": evaluate_onnx(sessions[ORIGINAL], eval_data, metric, input_names=names,
-                                        like=like),
-            "ort_after": evaluate_onnx(sessions[COMPRESSED], eval_data, metric, input_names=names,
-                                       like=like),
+            "ort_before": proof.metric,
+            "ort_after": evaluate_onnx(session, eval_data, metric, input_names=names, like=like),
         }
 
         timed = {ORIGINAL: paths[ORIGINAL], COMPRESSED: paths[COMPRESSED]}
@@ -160,6 +220,7 @@ def _prove(
                 label=INT8,
                 input_names=names,
                 raise_on_fail=False,
+                where=where,
             )
             metrics["int8"] = evaluate_onnx(int8, eval_data, metric, input_names=names,
                                             like=like)

@@ -26,7 +26,8 @@ def load_data(spec: str) -> tuple[Iterable[Any], Iterable[Any]]:
 
         result = load_builtin(spec)
     if not isinstance(result, (tuple, list)) or len(result) != 2:
-        raise DataError(f"{spec} must return (train, eval), got {type(result).__name__}")
+        size = f" of {len(result)} items" if isinstance(result, (tuple, list)) else ""
+        raise DataError(f"{spec} must return (train, eval), got a {type(result).__name__}{size}")
     train, eval_data = result
     for name, part in (("train", train), ("eval", eval_data)):
         if not hasattr(part, "__iter__"):

@@ -113,8 +113,13 @@ def run_onnx(
     try:
         return list(session.run(None, feeds))
     except Exception as exc:  # onnxruntime raises its own exception types
+        hint = ""
+        if "invalid dimensions" in str(exc):
+            hint = (" (the file keeps every axis but the batch, and the length of integer "
+                    "token ids, at the size of the first train batch: give batches of that "
+                    "size)")
         raise ExportError(
-            f"onnxruntime failed on {where}: {type(exc).__name__}: {one_line(exc)}"
+            f"onnxruntime failed on {where}: {type(exc).__name__}: {one_line(exc)}{hint}"
         ) from exc
 
 
@@ -178,9 +183,11 @@ def check_parity(
     label: str = "model",
     input_names: Sequence[str] | None = None,
     raise_on_fail: bool = True,
+    where: Sequence[str] | None = None,
 ) -> ParityResult:
     """Compare ORT with PyTorch on each input tuple of ``batches``; ParityError naming the
-    worst output when one is beyond tolerance (unless ``raise_on_fail`` is False)."""
+    worst output when one is beyond tolerance (unless ``raise_on_fail`` is False). ``where``
+    names the batches in errors (default: "parity batch N")."""
     if not (0.0 < atol < math.inf and 0.0 <= rtol < math.inf):
         raise ConfigError(f"tolerances must be atol > 0 and rtol >= 0, finite; got atol "
                           f"{atol!r}, rtol {rtol!r}")
@@ -193,9 +200,10 @@ def check_parity(
     try:
         for i, inputs in enumerate(batches):
             inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-            with user_code("the model", f"parity batch {i + 1}"):
+            name = where[i] if where is not None and i < len(where) else f"parity batch {i + 1}"
+            with user_code("the model", name):
                 expected = torch_outputs(model, on_device_of(model, inputs))
-            got = run_onnx(session, inputs, input_names, where=f"parity batch {i + 1}")
+            got = run_onnx(session, inputs, input_names, where=name)
             if len(got) != len(expected):
                 raise ParityError(
                     f"{label}: onnxruntime gives {len(got)} outputs, PyTorch {len(expected)}"
@@ -254,20 +262,26 @@ def _accumulate(
 
 def parity_inputs(
     data: Iterable[Any], *, max_batches: int = 3, resize_to: Sequence[int] = (1,), axes: Any = None
-) -> list[tuple[torch.Tensor, ...]]:
-    """Inputs of up to ``max_batches`` real batches of ``data``, plus the first batch resized
-    to each size in ``resize_to`` (so the dynamic batch axis is exercised too)."""
+) -> tuple[list[tuple[torch.Tensor, ...]], list[str]]:
+    """Inputs of up to ``max_batches`` real batches of ``data`` (those with examples), plus
+    the first resized to each size in ``resize_to`` (so the dynamic batch axis is exercised
+    too); and how errors name each."""
     picked: list[tuple[torch.Tensor, ...]] = []
-    for batch in iterate(data, where="eval data"):
+    names: list[str] = []
+    for i, batch in enumerate(iterate(data, where="eval data")):
         inputs, _ = split_batch(batch, where="eval data")
+        if batch_size(inputs) == 0:
+            continue  # no example to compare
         picked.append(tuple(x.cpu() for x in inputs))
+        names.append(f"eval batch {i + 1}")
         if len(picked) >= max_batches:
             break
     if not picked:
-        raise ShapeError("eval data: no batches to check parity on")
+        raise ShapeError("eval data: no batches with examples to check parity on")
     for size in resize_to:
         picked.append(resize_inputs(picked[0], size, axes=axes))
-    return picked
+        names.append(f"{names[0]} resized to batch {size}")
+    return picked, names
 
 
 # ---------------------------------------------------------------------- metric

@@ -124,6 +124,21 @@ def shifted() -> nn.Module:
     return Shifted()
 
 
+class ShiftedOncePruned(Shifted):
+    """Exports faithfully at full width, shifted (+1) once ``fc`` lost units: only the
+    compressed model's parity fails."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.out(torch.relu(self.fc(x)))
+        exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+        return y + 1.0 if exporting and self.fc.out_features < 16 else y
+
+
+def shifted_once_pruned() -> nn.Module:
+    torch.manual_seed(0)
+    return ShiftedOncePruned()
+
+
 class OnlyHead(nn.Module):
     """A single Linear: its outputs are the model's outputs, so nothing can be pruned."""
 

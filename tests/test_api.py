@@ -147,6 +147,16 @@ def test_an_export_failure_leaves_no_folder_and_no_staging(tmp_path, data, monke
     assert [p.name for p in tmp_path.iterdir()] in ([], [".out.checkpoint"])
 
 
+def test_an_original_that_cannot_be_exported_fails_before_fine_tuning(tmp_path, data) -> None:
+    events: list = []
+    out = tmp_path / "out"
+    with pytest.raises(ExportError):
+        api.compress(_tiny.no_export(), *data, config=CFG, out=out, sink=events.append)
+    kinds = [e.kind for e in events]
+    assert "baseline" not in kinds and "step" not in kinds  # nothing was trained
+    assert list(tmp_path.iterdir()) == []  # no folder, no staging, no checkpoint
+
+
 @pytest.mark.parametrize(
     ("spoil", "message"),
     [

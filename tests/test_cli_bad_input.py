@@ -93,7 +93,7 @@ CASES = [
     ("data-int-inputs", T("mlp"), T("int_inputs_data"), [], "failed on the first train batch"),
     ("data-empty", T("mlp"), T("empty_data"), [], "no batches"),
     ("data-not-pairs", T("mlp"), T("not_pairs_data"), [], "(inputs, targets) pairs"),
-    ("data-one-part", T("mlp"), T("one_part_data"), [], "must return (train, eval)"),
+    ("data-one-part", T("mlp"), T("one_part_data"), [], "must return (train, eval), got a"),
     ("data-one-shot", T("mlp"), T("generator_data"), [], "re-iterable"),
     ("toml-malformed", T("mlp"), T("mlp_data"), ["--config", "{in}/malformed.toml"],
      "malformed TOML"),
@@ -205,15 +205,28 @@ def test_an_export_failure_leaves_no_output_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_parity_failure_publishes_a_failed_report_and_exits_2(tmp_path):
+def test_a_parity_failure_of_the_compressed_model_publishes_a_failed_report_and_exits_2(
+        tmp_path):
     out = tmp_path / "out"
-    result = invoke(["compress", T("shifted"), "--data", T("mlp_data"), "--out", str(out), *FAST])
+    result = invoke(["compress", T("shifted_once_pruned"), "--data", T("mlp_data"), "--out",
+                     str(out), *FAST])
     assert_one_line_error(result, "differs from PyTorch")
     assert "report.json" in result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed" and "differs" in report["error"]
-    assert report["parity_checks"]["original"]["passed"] is False
+    assert report["parity_checks"]["original"]["passed"] is True
+    assert report["parity_checks"]["compressed"]["passed"] is False
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # no staging left
+
+
+@pytest.mark.slow
+def test_an_original_that_fails_parity_is_refused_before_fine_tuning(tmp_path):
+    out = tmp_path / "out"
+    result = invoke(["compress", T("shifted"), "--data", T("mlp_data"), "--out", str(out), *FAST])
+    assert_one_line_error(result, "ParityError: before fine-tuning, original: onnxruntime output "
+                                  "'output' differs from PyTorch by up to 1 ")
+    assert "nothing was trained" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no folder, no staging, no checkpoint
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch: seconds each

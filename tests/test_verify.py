@@ -116,11 +116,21 @@ def test_inputs_are_fed_by_name_when_the_exporter_dropped_one(tmp_path):
 
 def test_parity_inputs_take_real_batches_and_a_resized_one():
     data = _data(batches=5, batch=6)
-    picked = parity_inputs(data, max_batches=2, resize_to=(1, 9))
+    picked, names = parity_inputs(data, max_batches=2, resize_to=(1, 9))
     assert [tuple(p[0].shape) for p in picked] == [(6, 16), (6, 16), (1, 16), (9, 16)]
     assert torch.equal(picked[2][0][0], data[0][0][0])
+    assert names == ["eval batch 1", "eval batch 2", "eval batch 1 resized to batch 1",
+                     "eval batch 1 resized to batch 9"]
     with pytest.raises(ShapeError, match="no batches"):
         parity_inputs([])
+
+
+def test_parity_inputs_skip_a_batch_without_examples_and_name_the_rest_by_position():
+    data = _data(batches=3, batch=6)
+    data[0] = (data[0][0][:0], data[0][1][:0])
+    picked, names = parity_inputs(data, max_batches=2)
+    assert [tuple(p[0].shape) for p in picked] == [(6, 16), (6, 16), (1, 16)]
+    assert names == ["eval batch 2", "eval batch 3", "eval batch 2 resized to batch 1"]
 
 
 @pytest.mark.parametrize(
