@@ -38,13 +38,14 @@ def find_groups(
     ``example_inputs`` is passed as ``model(**x)`` for a mapping, ``model(*x)`` for a tuple or
     list, else ``model(x)``; one forward runs in eval mode without grad, and the training flags
     are restored afterwards. ``exclude`` holds module names or keys (fnmatch patterns) to leave
-    alone. Raises DataError if the forward fails on the example inputs. Last, each group is
-    shrunk by one unit on a copy of the model, which must then match the masked original
+    alone. Raises DataError if the forward fails on the example inputs. Last, the groups are
+    shrunk on a copy of the model, which must then match the masked original
     (:mod:`.shrink`): a width written down as numbers leaves its layer alone.
     """
     tracer = Tracer(model)
     out = tracer.run(example_inputs)
     structure = _Assembler(model, tracer, out, list(exclude), allow_residual).structure()
+    del tracer, out  # every traced activation: not kept through the shrink check's copies
     return followed(model, example_inputs, structure)
 
 
