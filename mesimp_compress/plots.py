@@ -19,6 +19,8 @@ from .errors import ConfigError, DataError
 WIDTHS_PNG = "widths.png"
 HITS_PNG = "hits.png"
 LATENCY_PNG = "latency.png"
+MAX_PANELS = 24  # hit histograms drawn (a deep model has hundreds of layers; ~75 ms each)
+MAX_WIDTH_INCHES = 40.0  # the widths chart stops growing with the layer count here
 
 
 def plot_widths(layers: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
@@ -28,7 +30,7 @@ def plot_widths(layers: Sequence[Mapping[str, Any]], path: str | os.PathLike[str
     ]
     if not rows:
         raise DataError("no layer with a width to plot")
-    fig = _figure(max(4.0, 0.5 * len(rows) + 2.0), 3.6)
+    fig = _figure(min(MAX_WIDTH_INCHES, max(4.0, 0.5 * len(rows) + 2.0)), 3.6)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(rows))
     ax.bar(x - 0.2, [r["width_before"] for r in rows], 0.4, label="before")
@@ -52,10 +54,13 @@ def plot_hits(
     when given), with the prune threshold marked when ``prune_rate`` is given."""
     if not hits:
         raise DataError("no hit counts to plot")
-    keys = list(hits)
+    keys = list(hits)[:MAX_PANELS]
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
     fig = _figure(4.0 * cols, 2.8 * rows)
+    if len(hits) > len(keys):
+        fig.suptitle(f"the first {len(keys)} of {len(hits)} layers (report.json holds all)",
+                     fontsize=9)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(rows, cols, i + 1)
         values = np.asarray(_as_list(hits[key]), dtype=np.float64)

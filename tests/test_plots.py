@@ -55,6 +55,12 @@ def test_hit_histograms_one_panel_per_layer_key(tmp_path):
         plot_hits({}, tmp_path / "none.png")
 
 
+def test_a_deep_model_gets_charts_of_bounded_size(tmp_path):
+    hits = {f"l{i}": torch.randint(0, 100, (8,)) for i in range(100)}
+    assert _png_size(plot_hits(hits, tmp_path / "hits.png")) == (1200, 2240)  # 24 panels
+    assert _png_size(plot_widths(_layers(500), tmp_path / "w.png")) == (4000, 360)
+
+
 def test_latency_plot_one_panel_per_thread_count(tmp_path):
     assert _png_size(plot_latency(_latency(), tmp_path / "lat.png")) == (840, 340)
     with pytest.raises(DataError):
