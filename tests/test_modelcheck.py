@@ -15,6 +15,8 @@ from mesimp_compress.latency import dense_twin
 from mesimp_compress.modelcheck import check_model, copy_failed, unwrap
 
 torch.set_num_threads(1)
+# torch's own modules warn that torch.jit is deprecated when the exporter first loads them
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method`:DeprecationWarning")
 
 CFG = CompressConfig(k=8, window=0.5, epochs=1, cycles=1, recovery_epochs=0, lr=1e-2,
                      threads=1, distill=0.0, seed=3)
@@ -45,6 +47,7 @@ def test_unwrap_leaves_a_plain_model_alone() -> None:
     assert unwrap(nn.DataParallel(torch.compile(model))) is model
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
 def test_torchscript_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="the model is a TorchScript module"):
         check_model(torch.jit.script(_tiny.mlp()))
