@@ -278,6 +278,7 @@ class FineTuner:
             skipped=skip,
         )
         running, seen, in_window, count = 0.0, 0, 0, 0
+        step: dict[str, Any] | None = None
         batches = iterate(self.train_data, where=f"train data (epoch {epoch + 1})")
         for i, batch in enumerate(batches):
             if i == self.n_batches and self.cfg.epoch_batches is not None:
@@ -287,11 +288,13 @@ class FineTuner:
                 if i == skip - 1 and rng is not None:
                     set_rng_state(rng)  # the generators as they were at the checkpoint
                 continue
+            if step is not None:  # (the last step's event waits for the epoch's last window)
+                emit(self.sink, "step", **step)
             loss = self._train_step(batch, epoch, i)
             running += loss
             seen += 1
             in_window += 1
-            emit(self.sink, "step", epoch=epoch, batch=i + 1, batches=self.n_batches, loss=loss)
+            step = {"epoch": epoch, "batch": i + 1, "batches": self.n_batches, "loss": loss}
             if in_window >= self.window_batches and not self._short_tail(i):
                 self._end_window(phase, epoch, running / seen)
                 running, seen, in_window = 0.0, 0, 0
@@ -300,6 +303,8 @@ class FineTuner:
         if in_window:  # the epoch's last window ends with its data, however long it was
             self._end_window(phase, epoch, running / seen)
             self._checkpoint(epoch + 1, 0)
+        if step is not None:
+            emit(self.sink, "step", **step)
 
     def _check_count(self, count: int, epoch: int) -> None:
         """An epoch whose data ended early or ran on: windows stay sized from the count
