@@ -140,9 +140,12 @@ def _run(
     proof = None
     try:
         if output is not None:  # the original's file first: what cannot be proven fails now
+            from .checkpoint import rng_state, set_rng_state
             from .pipeline import prove_original
 
+            generators = rng_state()  # reading the eval data draws seeds: the run must
             proof = prove_original(output, original, example_inputs, eval_data, cfg, metric, sink)
+            set_rng_state(generators)  # train as it would without an output folder
         tuner = FineTuner(
             working,
             original if cfg.distill > 0 or cfg.distill_layers else None,
@@ -330,7 +333,7 @@ def _check_forward(
 
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
-    inputs, targets = to_device(inputs, device), to_device(targets, device)
+    inputs, targets = to_device((inputs, targets), device, where="the first train batch")
     for i, x in enumerate(inputs):  # (an infinite value may be meant: an additive -inf mask)
         if isinstance(x, torch.Tensor) and x.is_floating_point() and bool(x.isnan().any()):
             raise DataError(f"the first train batch: input {i} holds NaN values")

@@ -72,16 +72,17 @@ def iterate(data: Iterable[Any], *, where: str) -> Iterator[Any]:
         i += 1
 
 
-def to_device(value: Any, device: torch.device | str) -> Any:
-    """Move tensors (nested in tuples/lists/dicts) to ``device``."""
+def to_device(value: Any, device: torch.device | str, *, where: str = "a batch") -> Any:
+    """Move tensors (nested in tuples/lists/dicts) to ``device``; DataError naming ``where``
+    for a tensor on the meta device."""
     if isinstance(value, torch.Tensor):
         if value.is_meta:
-            raise DataError("a batch holds a tensor on the meta device (it has no values)")
+            raise DataError(f"{where} holds a tensor on the meta device (it has no values)")
         return value.to(device, non_blocking=True)
     if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(to_device(v, device, where=where) for v in value)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device, where=where) for k, v in value.items()}
     return value
 
 

@@ -89,11 +89,11 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
     try:
         for i, batch in enumerate(iterate(data, where="eval data")):
             inputs, targets = split_batch(batch, where="eval data")
-            inputs, targets = to_device(inputs, device), to_device(targets, device)
             where = f"eval batch {i + 1}"
+            inputs, targets = to_device((inputs, targets), device, where=where)
             with user_code("the model", where):
                 outputs = model(*inputs)
-            _check_outputs(outputs, inputs, where)
+            _check_outputs(model, outputs, inputs, where)
             with user_code("the metric", where):
                 value = metric(outputs, targets)
             s, c = tasks.metric_value(value, batch_size(inputs), where=where)
@@ -281,8 +281,6 @@ class FineTuner:
         step: dict[str, Any] | None = None
         batches = iterate(self.train_data, where=f"train data (epoch {epoch + 1})")
         for i, batch in enumerate(batches):
-            if i == self.n_batches and self.cfg.epoch_batches is not None:
-                break  # an epoch is the first epoch_batches batches of a pass
             count = i + 1
             if i < skip:
                 if i == skip - 1 and rng is not None:
@@ -299,6 +297,8 @@ class FineTuner:
                 self._end_window(phase, epoch, running / seen)
                 running, seen, in_window = 0.0, 0, 0
                 self._checkpoint(epoch, i + 1)
+            if count == self.n_batches and self.cfg.epoch_batches is not None:
+                break  # an epoch is the first epoch_batches batches (no further one is read)
         self._check_count(count, epoch)
         if in_window:  # the epoch's last window ends with its data, however long it was
             self._end_window(phase, epoch, running / seen)
@@ -314,24 +314,30 @@ class FineTuner:
         if count == self.n_batches or self._miscounted:
             return
         self._miscounted = True
+        advice = "" if self.cfg.epoch_batches is not None else (
+            " (set epoch_batches to fix the length of an epoch)")
         emit(
             self.sink,
             "note",
             message=f"train data gave {count} batches in epoch {epoch + 1}, not the "
             f"{self.n_batches} {self.counted_by} gives: windows stay {self.window_batches} "
-            "batches long, and each epoch's last window ends with its data (set "
-            "epoch_batches to fix the length of an epoch)",
+            f"batches long, and each epoch's last window ends with its data{advice}",
         )
 
     def _short_tail(self, i: int) -> bool:
         """Whether the batches left after batch ``i`` are under half a window: they join this
-        window rather than make one of their own (the rule on 2 batches would cut deep)."""
-        return 2 * (self.n_batches - (i + 1)) < self.window_batches
+        window rather than make one of their own (the rule on 2 batches would cut deep).
+        At the expected last batch the epoch's end closes the window; past it (data longer
+        than its count) nothing is known of what is left."""
+        left = self.n_batches - (i + 1)
+        if left < 0:
+            return False
+        return 2 * left < self.window_batches
 
     def _train_step(self, batch: Any, epoch: int, index: int) -> float:
         inputs, targets = split_batch(batch, where="train data")
-        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         where = f"train batch {index + 1} (epoch {epoch + 1})"
+        inputs, targets = to_device((inputs, targets), self.device, where=where)
         with captured(self.model, self.layers) as mine, captured(
             self.teacher, self.layers
         ) as theirs:
@@ -541,8 +547,9 @@ class FineTuner:
             }
         epoch, batch = int(state["epoch"]), int(state["batch"])
         for _ in range(epoch):  # advance loaders that keep their own generator past those epochs
-            for _ in self.train_data:
-                pass
+            for j, _ in enumerate(self.train_data):  # (as far as each epoch read them)
+                if self.cfg.epoch_batches is not None and j + 1 == self.n_batches:
+                    break
         return epoch, batch, state["rng"]
 
     # ------------------------------------------------------------------ helpers
@@ -564,14 +571,21 @@ class FineTuner:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _check_outputs(outputs: Any, inputs: tuple[Any, ...], where: str) -> None:
-    """DataError when the model's outputs hold NaN (naming the input that does, if one)."""
+def _check_outputs(model: nn.Module, outputs: Any, inputs: tuple[Any, ...], where: str) -> None:
+    """When the model's outputs hold NaN: DataError naming the input that does, or
+    NonFiniteLossError when fine-tuning made the weights non-finite, else DataError."""
     if not any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any())
                for t in pytree.tree_leaves(outputs)):
         return
     for i, x in enumerate(inputs):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and bool(x.isnan().any()):
             raise DataError(f"{where}: input {i} holds NaN values")
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise NonFiniteLossError(
+                f"the weights became non-finite in fine-tuning ('{name}'; seen on {where}); "
+                "lower the learning rate"
+            )
     raise DataError(f"{where}: the model's outputs hold NaN values")
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import tasks
-from .batches import batch_size, iterate, split_batch, user_code
+from .batches import batch_size, iterate, split_batch, to_device, user_code
 from .errors import ConfigError, ExportError, ParityError, ShapeError
 from .inputs import on_device_of, resize_inputs
 
@@ -272,7 +272,7 @@ def parity_inputs(
         inputs, _ = split_batch(batch, where="eval data")
         if batch_size(inputs) == 0:
             continue  # no example to compare
-        picked.append(tuple(x.cpu() for x in inputs))
+        picked.append(tuple(to_device(inputs, "cpu", where=f"eval batch {i + 1}")))
         names.append(f"eval batch {i + 1}")
         if len(picked) >= max_batches:
             break

@@ -202,7 +202,8 @@ def _spoiled(batches, index, how):
     [
         ("train", "nan", r"train batch 3 \(epoch 1\): input 0 holds NaN values"),
         ("train", "empty", r"train batch 3 \(epoch 1\) has no examples"),
-        ("train", "meta", r"a batch holds a tensor on the meta device"),
+        ("train", "meta", r"train batch 3 \(epoch 1\) holds a tensor on the meta device"),
+        ("eval", "meta", r"eval batch 2 holds a tensor on the meta device"),
         ("eval", "nan", r"eval batch 2: input 0 holds NaN values"),
     ],
 )
@@ -377,3 +378,28 @@ class CausalMask(torch.nn.Module):
 def test_an_infinite_buffer_is_no_bad_weight(data) -> None:
     result = mc.compress(CausalMask(), *data, config=CFG)
     assert result.metric_after > 0
+
+
+def test_an_output_folder_does_not_change_the_fine_tuning(tmp_path) -> None:
+    """The original's proof reads the eval DataLoader before fine-tuning, which draws a
+    seed from torch's generator: the run must train as it does without an output folder."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 12, generator=g)
+    y = x[:, :4].argmax(1)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(),
+                                   torch.nn.Dropout(0.2), torch.nn.Linear(32, 4))
+
+    def loaders():
+        return (DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True),
+                DataLoader(TensorDataset(x[:48], y[:48]), batch_size=16))
+
+    cfg = CFG.replace(window=0.34, distill=0.0, batches=[1])
+    plain = mc.compress(model(), *loaders(), config=cfg)
+    written = mc.compress(model(), *loaders(), config=cfg, out=tmp_path / "out")
+    assert [r.loss for r in written.history] == [r.loss for r in plain.history]
+    assert written.plan.kept == plain.plan.kept

@@ -14,7 +14,7 @@ from mesimp_compress.config import CompressConfig
 from mesimp_compress.errors import DataError, NonFiniteLossError
 from mesimp_compress.events import Event
 from mesimp_compress.simplify import Simplifier
-from mesimp_compress.training import FineTuner
+from mesimp_compress.training import FineTuner, evaluate
 
 torch.set_num_threads(1)
 
@@ -196,6 +196,33 @@ def test_epoch_batches_makes_epochs_of_an_endless_stream(data) -> None:
     assert [r.step for r in ft.run().history] == [2, 4, 6, 8]
 
 
+def test_an_epoch_of_epoch_batches_reads_no_batch_beyond_them(data) -> None:
+    train, evaluation = data
+
+    class Counted(_Endless):
+        read: list[int] = []
+
+        def __iter__(self):
+            Counted.read.append(0)
+            for batch in super().__iter__():
+                Counted.read[-1] += 1
+                yield batch
+
+    ft = tuner(_tiny.mlp(), (Counted(train), evaluation), k=6, window=0.5, epoch_batches=3)
+    Counted.read.clear()
+    ft.run()
+    assert Counted.read == [3, 3]  # a stream that goes on where it stopped loses nothing
+
+
+def test_weights_gone_non_finite_are_named_at_evaluation_not_blamed_on_the_data(data) -> None:
+    model = _tiny.mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"weights became non-finite in fine-tuning "
+                                                  r"\('2.weight'; seen on eval batch 1\)"):
+        evaluate(model, data[1], tasks.accuracy, torch.device("cpu"))
+
+
 def test_a_later_pass_without_batches_is_a_data_error(data) -> None:
     train, evaluation = data
 
@@ -347,3 +374,26 @@ def test_a_resume_on_other_train_data_is_refused(tmp_path) -> None:
                                               "epoch, None examples; now 4, None\\)"):
         mc.compress(_tiny.mlp(), train[:4], evaluation, config=cfg, checkpoint_dir=tmp_path,
                     resume=True)
+
+
+def test_an_endless_stream_resumes_after_an_interrupt_in_a_later_epoch(tmp_path) -> None:
+    """Resuming replays the reading of earlier epochs: epoch_batches of them each, not a pass
+    (a pass of an endless stream never ends)."""
+    import mesimp_compress as mc
+
+    train, evaluation = _tiny.mlp_data()
+    cfg = dict(epochs=2, cycles=1, recovery_epochs=0, window=0.5, k=6, epoch_batches=5,
+               distill=0.0, threads=1)
+    reference = mc.compress(_tiny.mlp(), _Endless(train), evaluation, config=cfg)
+
+    def stop(event: Event) -> None:
+        if event.kind == "checkpoint" and event.data["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mc.compress(_tiny.mlp(), _Endless(train), evaluation, config=cfg,
+                    checkpoint_dir=tmp_path, sink=stop)
+    resumed = mc.compress(_tiny.mlp(), _Endless(train), evaluation, config=cfg,
+                          checkpoint_dir=tmp_path, resume=True)
+    assert [(r.step, r.loss, r.widths) for r in resumed.history] == [
+        (r.step, r.loss, r.widths) for r in reference.history]
