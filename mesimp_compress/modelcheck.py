@@ -23,13 +23,11 @@ _HALF = (torch.float16, torch.bfloat16)
 def unwrap(model: nn.Module, sink: EventSink | None = None) -> nn.Module:
     """The model inside a ``torch.compile`` or data-parallel wrapper (a note says so)."""
     while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        what = "torch.compile"
-        if not isinstance(inner, nn.Module) and isinstance(
-            model, (nn.DataParallel, nn.parallel.DistributedDataParallel)
-        ):
+        if _compiled(model):
+            inner, what = model._orig_mod, "torch.compile"
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             inner, what = model.module, type(model).__name__
-        if not isinstance(inner, nn.Module):
+        else:
             return model
         emit(sink, "note", message=f"compressing the model inside its {what} wrapper; the "
                                    "result is a plain nn.Module")
@@ -39,6 +37,11 @@ def unwrap(model: nn.Module, sink: EventSink | None = None) -> nn.Module:
 def check_model(model: nn.Module) -> None:
     """ConfigError naming the first part of ``model`` the run cannot work with."""
     for name, module in model.named_modules():
+        if name and _compiled(module):
+            raise ConfigError(
+                f"'{name}' is compiled with torch.compile inside the model: the structure is "
+                "traced op by op, which compiled code hides; compile after compressing"
+            )
         if isinstance(module, torch.jit.ScriptModule):
             where = f"'{name}'" if name else "the model"
             raise ConfigError(
@@ -69,6 +72,12 @@ def check_model(model: nn.Module) -> None:
             )
         if not bool(torch.isfinite(tensor).all()):
             raise ConfigError(f"the model's '{name}' holds NaN or infinite values")
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is torch.compile's wrapper (without importing torch._dynamo)."""
+    kind = type(module)
+    return kind.__name__ == "OptimizedModule" and kind.__module__.startswith("torch._dynamo")
 
 
 def copy_failed(exc: BaseException) -> ConfigError:

@@ -83,6 +83,12 @@ def distillation(student: Any, teacher: Any, targets: Any, temperature: float) -
     if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
         return _distill(student, teacher, targets, temperature)
     mine, theirs = pytree.tree_leaves(student), pytree.tree_leaves(teacher)
+    if pytree.tree_structure(student) != pytree.tree_structure(teacher):
+        raise ShapeError(
+            "distillation matches the model's training outputs with the original's eval "
+            f"outputs, and they differ in structure ({len(mine)} vs {len(theirs)} values: "
+            "a model that returns more while training); set distill = 0 for this model"
+        )
     pairs = [
         (s, t) for s, t in zip(mine, theirs, strict=False)
         if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor)

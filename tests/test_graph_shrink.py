@@ -234,3 +234,26 @@ def test_one_failing_group_among_many_is_found_by_halves(monkeypatch):
     assert set(structure.groups) == {f"layers.{i}" for i in range(32)} - {"layers.20"}
     assert "[-1, 2, 4]" in structure.reason("layers.20")
     assert len(calls) == 13  # 5 rounds, 7 halves, the survivors together (was 1 per group)
+
+
+class _PairedBranches(nn.Module):
+    """Eight branches; the forward fails only when branches 1 and 6 both lose units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.ModuleList(nn.Linear(8, 16) for _ in range(8))
+        self.out = nn.ModuleList(nn.Linear(16, 4) for _ in range(8))
+
+    def forward(self, x):
+        hs = [torch.relu(layer(x)) for layer in self.inp]
+        if hs[1].shape[-1] + hs[6].shape[-1] < 22:
+            raise RuntimeError("branches 1 and 6 together need 22 units")
+        return sum(o(h) for o, h in zip(self.out, hs, strict=True))
+
+
+def test_two_groups_that_fail_only_together_are_both_left_alone_and_only_they():
+    torch.manual_seed(0)
+    structure = find_groups(_PairedBranches(), torch.randn(16, 8))
+    assert set(structure.groups) == {f"inp.{i}" for i in (0, 2, 3, 4, 5, 7)}
+    for key in ("inp.1", "inp.6"):
+        assert "'inp.1', 'inp.6' lose units" in structure.reason(key)

@@ -46,6 +46,20 @@ def test_unwrap_leaves_a_plain_model_alone() -> None:
     assert unwrap(model) is model
     assert unwrap(nn.DataParallel(torch.compile(model))) is model
 
+    class Holder(nn.Module):  # an attribute of that name is no compile wrapper
+        def __init__(self) -> None:
+            super().__init__()
+            self._orig_mod, self.head = _tiny.mlp(), nn.Linear(4, 2)
+
+    holder = Holder()
+    assert unwrap(holder) is holder
+
+
+def test_a_compiled_submodule_is_refused_by_name() -> None:
+    model = nn.Sequential(torch.compile(nn.Linear(12, 8)), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ConfigError, match="'0' is compiled with torch.compile inside the model"):
+        check_model(model)
+
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
 def test_torchscript_is_refused_by_name() -> None:

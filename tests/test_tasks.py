@@ -123,3 +123,9 @@ def test_a_metric_that_counts_no_examples_is_refused():
     assert tasks.mean_of(3.0, 4.0) == 0.75
     with pytest.raises(DataError, match="counted 0 examples"):
         tasks.mean_of(0.0, 0.0)
+
+
+def test_distillation_of_outputs_that_differ_in_structure_says_so():
+    logits = torch.randn(4, 3)
+    with pytest.raises(ShapeError, match=r"differ in structure \(2 vs 1 values"):
+        tasks.distillation((logits, torch.randn(4, 3)), [logits], torch.zeros(4).long(), 2.0)

@@ -69,19 +69,25 @@ def _failing(model: nn.Module, example_inputs: Any, structure: Structure,
 
 
 def _bisect(model: nn.Module, example_inputs: Any, structure: Structure,
-            entries: list[tuple[str, ...]], gone: dict[str, set[int]], failure: str
-            ) -> dict[tuple[str, ...], str]:
-    """Entries of ``entries`` (which fail together with ``failure``) that fail on their own;
-    all of them when each half is followed and only the whole is not."""
+            entries: list[tuple[str, ...]], gone: dict[str, set[int]], failure: str,
+            along: tuple[tuple[str, ...], ...] = ()) -> dict[tuple[str, ...], str]:
+    """A small set of ``entries`` that fails (with ``along`` shrunk too; together they fail
+    with ``failure``): a failing half is searched alone; when each half is followed and
+    only both fail, the part of each half that fails with the other is searched."""
     if len(entries) == 1:
         return {entries[0]: failure}
-    found: dict[tuple[str, ...], str] = {}
     half = len(entries) // 2
-    for part in (entries[:half], entries[half:]):
-        problem = _failure(model, example_inputs, structure, part, gone)
+    left, right = entries[:half], entries[half:]
+    for part in (left, right):
+        problem = _failure(model, example_inputs, structure, [*along, *part], gone)
         if problem is not None:
-            found.update(_bisect(model, example_inputs, structure, part, gone, problem))
-    return found or {keys: failure for keys in entries}
+            return _bisect(model, example_inputs, structure, part, gone, problem, along)
+    found = _bisect(model, example_inputs, structure, right, gone, failure, (*along, *left))
+    found.update(_bisect(model, example_inputs, structure, left, gone, failure,
+                         (*along, *found)))
+    together = _failure(model, example_inputs, structure,
+                        [keys for keys in entries if keys in found], gone)
+    return {keys: together or failure for keys in found}  # the reason names just them
 
 
 def _units(structure: Structure) -> list[tuple[str, ...]]:
@@ -139,6 +145,7 @@ def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
     except Exception:  # noqa: BLE001 - a model that cannot be copied is not checked here
         return None
     named = ", ".join(f"'{k}'" for k in kept)
+    verb = "loses" if len(kept) == 1 else "lose"
     try:
         zero_removed(masked, plan)  # refuses a member it cannot edit (a parametrized weight)
         apply_plan(shrunk, plan)
@@ -146,7 +153,7 @@ def _failure(model: nn.Module, example_inputs: Any, structure: Structure,
     except MesimpError as exc:  # surgery refused a member
         return f"{named} cannot shrink: {exc}"
     except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
-        return f"the model fails once {named} loses units ({_quote(exc)})"
+        return f"the model fails once {named} {verb} units ({_quote(exc)})"
     problem = _difference(expected, got)
     if problem is None:
         problem = _in_training(masked, shrunk, example_inputs)
