@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from . import distributed
-from .batches import check_reiterable, first_batch, to_device
+from .batches import check_reiterable, first_batch, has_nan, nan_input, to_device
 from .config import CompressConfig, read_toml
 from .errors import CheckpointError, ConfigError, DataError, MesimpError, ShapeError, describe
 from .events import EventSink, emit
@@ -334,9 +333,8 @@ def _check_forward(
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
     inputs, targets = to_device((inputs, targets), device, where="the first train batch")
-    for i, x in enumerate(inputs):  # (an infinite value may be meant: an additive -inf mask)
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and bool(x.isnan().any()):
-            raise DataError(f"the first train batch: input {i} holds NaN values")
+    if (i := nan_input(inputs)) is not None:
+        raise DataError(f"the first train batch: input {i} holds NaN values")
     try:
         with torch.no_grad():
             outputs = model(*inputs)
@@ -349,10 +347,7 @@ def _check_forward(
         raise ShapeError(
             f"the model failed on the first train batch (inputs {shapes}): {describe(exc)}"
         ) from None
-    if any(
-        isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any())
-        for t in pytree.tree_leaves(outputs)
-    ):
+    if has_nan(outputs):
         raise DataError("the model's outputs on the first train batch hold NaN values")
     try:
         value = (loss or tasks.cross_entropy)(outputs, targets)

@@ -86,6 +86,20 @@ def to_device(value: Any, device: torch.device | str, *, where: str = "a batch")
     return value
 
 
+def has_nan(value: Any) -> bool:
+    """Whether a floating-point tensor in ``value`` (nested tuples, lists, dicts) holds NaN."""
+    import torch.utils._pytree as pytree
+
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any())
+               for t in pytree.tree_leaves(value))
+
+
+def nan_input(inputs: tuple[Any, ...]) -> int | None:
+    """The index of the first input holding NaN (an infinity may be meant: an additive
+    -inf mask), or None."""
+    return next((i for i, x in enumerate(inputs) if has_nan(x)), None)
+
+
 def batch_size(inputs: tuple[Any, ...]) -> int:
     """Leading dimension of the first tensor input."""
     for x in inputs:

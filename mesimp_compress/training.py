@@ -21,7 +21,16 @@ from torch import nn
 
 from . import tasks
 from .activity import ActivityTracker
-from .batches import batch_size, count_batches, iterate, split_batch, to_device, user_code
+from .batches import (
+    batch_size,
+    count_batches,
+    has_nan,
+    iterate,
+    nan_input,
+    split_batch,
+    to_device,
+    user_code,
+)
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import CompressConfig
 from .distributed import World, wrap
@@ -574,12 +583,10 @@ class FineTuner:
 def _check_outputs(model: nn.Module, outputs: Any, inputs: tuple[Any, ...], where: str) -> None:
     """When the model's outputs hold NaN: DataError naming the input that does, or
     NonFiniteLossError when fine-tuning made the weights non-finite, else DataError."""
-    if not any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any())
-               for t in pytree.tree_leaves(outputs)):
+    if not has_nan(outputs):
         return
-    for i, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and bool(x.isnan().any()):
-            raise DataError(f"{where}: input {i} holds NaN values")
+    if (i := nan_input(inputs)) is not None:
+        raise DataError(f"{where}: input {i} holds NaN values")
     for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise NonFiniteLossError(
@@ -593,9 +600,8 @@ def _check_batch(inputs: tuple[Any, ...], targets: Any, where: str) -> None:
     """DataError when a batch that gave a non-finite loss is empty or holds NaN/inf."""
     if batch_size(inputs) == 0:
         raise DataError(f"{where} has no examples")
-    for i, x in enumerate(inputs):  # (an infinite input may be meant: an additive mask)
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and bool(x.isnan().any()):
-            raise DataError(f"{where}: input {i} holds NaN values (the loss became NaN on it)")
+    if (i := nan_input(inputs)) is not None:
+        raise DataError(f"{where}: input {i} holds NaN values (the loss became NaN on it)")
     for t in pytree.tree_leaves(targets):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all()):
             raise DataError(f"{where}: its targets hold NaN or infinite values (the loss "
