@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from .errors import SizeError
@@ -241,7 +242,9 @@ def check_shrunk(
         # real, so it is not surplus of the compressed file
         made_real = set(model.state_dict()) - set(before_names)
         after_total = sum(n for name, n in _float_names(onnx_path).items() if name not in made_real)
-        before_total = sum(before_names.values())
+        # the exporter stores equal tensors once: layers deep-copied at construction share
+        # the original's initializers, fine-tuned apart they no longer do
+        before_total = sum(before_names.values()) + _duplicates(original_model)
         if after_total >= before_total:
             raise SizeError(
                 f"{Path(onnx_path).name} holds {after_total:,} weights, not fewer than the "
@@ -392,6 +395,24 @@ def _enclosing(scope: str, modules: set[str]) -> str | None:
         return None
     ends = [m for m in modules if m.endswith("." + scope)]
     return ends[0] if len(ends) == 1 else None
+
+
+def _duplicates(model: nn.Module | None) -> int:
+    """Elements of ``model``'s floating tensors equal in value to an earlier one."""
+    if model is None:
+        return 0
+    seen: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+    extra = 0
+    for tensor in model.state_dict().values():
+        if not tensor.is_floating_point() or tensor.numel() < 2:
+            continue
+        key = (tuple(tensor.shape), tensor.dtype, float(tensor.double().sum()))
+        same = seen.setdefault(key, [])
+        if any(torch.equal(tensor, other) for other in same):
+            extra += tensor.numel()
+        else:
+            same.append(tensor)
+    return extra
 
 
 def _float_names(path: str | os.PathLike[str]) -> dict[str, int]:

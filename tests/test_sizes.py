@@ -318,3 +318,31 @@ def test_the_file_total_allows_tensors_the_original_export_folded_as_defaults(
     extra["onnx::Constant_9"] = 30  # a tensor no model parameter explains
     with pytest.raises(SizeError, match="not fewer than the original's"):
         check_shrunk(compressed, small, original_onnx=original, original_model=model, plan=plan)
+
+
+class _Encoder(nn.Module):
+    """nn.TransformerEncoder deep-copies its layer: at construction both are equal, and the
+    exporter stores the original's equal tensors once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.o = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.o(self.enc(x).mean(1))
+
+
+def test_layers_equal_at_export_do_not_make_the_compressed_file_look_larger(tmp_path):
+    import mesimp_compress as mc
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 5, 8, generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(3)]
+    cfg = mc.CompressConfig(epochs=1, cycles=1, recovery_epochs=0, window=0.5, batches=[1],
+                            threads=1, bench_threads=1, k=0.25)
+    result = mc.compress(_Encoder(), data, data[:2], config=cfg, out=tmp_path / "out")
+    assert result.report["status"] == "ok"  # it was a SizeError: 712 weights, not < 660
+    assert result.widths == {"enc.layers.0.linear1": 4, "enc.layers.1.linear1": 4}
