@@ -177,6 +177,7 @@ def _export_with_fallback(
             _EXPORT[name](job, scratch / target.name)
             check_onnx(scratch / target.name)
             _check_dynamic(scratch / target.name, job)
+            _check_resized(scratch / target.name, job)
             _check_opset(scratch / target.name, job)
             for part in sorted(scratch.iterdir(), key=lambda p: p.name == target.name):
                 os.replace(part, target.parent / part.name)
@@ -274,6 +275,26 @@ def _check_dynamic(path: Path, job: _Job) -> None:
                     f"input '{value.name}' axis {d} ({name}) was exported as the fixed size "
                     f"{dims[d].dim_value}"
                 )
+
+
+def _check_resized(path: Path, job: _Job) -> None:
+    """The file must run at other sizes of its dynamic axes and give PyTorch's output shapes
+    there: an exporter can declare an axis dynamic yet bake its size into a Reshape (the
+    dynamo exporter does, for stacked LSTMs)."""
+    from .verify import make_session, run_onnx
+
+    sizes = {name: x.shape[d] + 1 for x, a in zip(job.inputs, job.axes, strict=True)
+             for d, name in a.items()}
+    if not sizes:
+        return
+    inputs = resize_inputs(job.inputs, sizes.get(BATCH, 2), seq=sizes.get(SEQ), axes=job.axes)
+    expected = _run(job.model, inputs, "on inputs resized to {}")
+    got = run_onnx(make_session(path), inputs, job.input_names, where=f"inputs resized to "
+                   f"{', '.join(str(tuple(x.shape)) for x in inputs)}")
+    shapes = [tuple(x.shape) for x in expected]
+    if [tuple(g.shape) for g in got] != shapes:
+        raise ExportError(f"at other sizes of its dynamic axes the file gives outputs of "
+                          f"shapes {[tuple(g.shape) for g in got]}, PyTorch {shapes}")
 
 
 def _check_opset(path: Path, job: _Job) -> None:

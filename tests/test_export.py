@@ -260,3 +260,30 @@ def test_ids_and_their_bool_mask_share_the_sequence_axis(tmp_path):
     result = export_onnx(Masked().eval(), (ids, pad), tmp_path / "m.onnx",
                          exporter="torchscript")
     assert result.dynamic_axes == {"ids": {0: "batch", 1: "seq"}, "pad": {0: "batch", 1: "seq"}}
+
+
+class _StackedTagger(nn.Module):
+    """Embedding -> 2-layer LSTM -> LSTM -> Linear: the dynamo exporter declared the length
+    dynamic yet baked the example's length into a Reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 5)
+        self.lstm = nn.LSTM(5, 10, num_layers=2, batch_first=True)
+        self.lstm2 = nn.LSTM(10, 10, batch_first=True)
+        self.out = nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.out(self.lstm2(self.lstm(self.emb(x))[0])[0])
+
+
+def test_an_exported_file_runs_at_other_lengths_than_the_example(tmp_path):
+    torch.manual_seed(0)
+    model = _StackedTagger().eval()
+    export_onnx(model, (torch.randint(0, 20, (6, 3)),), tmp_path / "t.onnx")
+    session = make_session(tmp_path / "t.onnx")
+    for shape in ((3, 6), (1, 2), (8, 4)):
+        ids = torch.randint(0, 20, shape)
+        (got,) = run_onnx(session, (ids,))
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(ids), atol=1e-5, rtol=1e-4)
