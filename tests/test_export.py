@@ -287,3 +287,42 @@ def test_an_exported_file_runs_at_other_lengths_than_the_example(tmp_path):
         (got,) = run_onnx(session, (ids,))
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), model(ids), atol=1e-5, rtol=1e-4)
+
+
+class _Positions(nn.Module):
+    """Token ids plus a table of 8 positions: any length up to 8 is valid, 9 is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(20, 6), nn.Embedding(8, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.out(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))
+
+
+def test_an_example_at_a_position_tables_length_keeps_the_length_dynamic(tmp_path):
+    torch.manual_seed(0)
+    model = _Positions().eval()
+    result = export_onnx(model, (torch.randint(0, 20, (2, 8)),), tmp_path / "p.onnx")
+    assert result.dynamic_axes == {"ids": {0: "batch", 1: "seq"}}
+    ids = torch.randint(0, 20, (3, 5))  # shorter than the example: the file takes it
+    (got,) = run_onnx(make_session(tmp_path / "p.onnx"), (ids,))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(ids), atol=1e-5, rtol=1e-4)
+
+
+class _BatchBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x) * 2 if x.shape[0] > 2 else self.fc(x)
+
+
+def test_a_branch_on_the_batch_size_is_refused_not_exported_wrong(tmp_path):
+    with pytest.raises(ExportError, match=r"at inputs resized to \(3, 4\) the file's output 0 "
+                                          r"differs from PyTorch's"):
+        export_onnx(_BatchBranch().eval(), (torch.randn(2, 4),), tmp_path / "b.onnx")
+    assert not (tmp_path / "b.onnx").exists()
