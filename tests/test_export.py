@@ -310,19 +310,3 @@ def test_an_example_at_a_position_tables_length_keeps_the_length_dynamic(tmp_pat
     (got,) = run_onnx(make_session(tmp_path / "p.onnx"), (ids,))
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(ids), atol=1e-5, rtol=1e-4)
-
-
-class _BatchBranch(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(x) * 2 if x.shape[0] > 2 else self.fc(x)
-
-
-def test_a_branch_on_the_batch_size_is_refused_not_exported_wrong(tmp_path):
-    with pytest.raises(ExportError, match=r"at inputs resized to \(3, 4\) the file's output 0 "
-                                          r"differs from PyTorch's"):
-        export_onnx(_BatchBranch().eval(), (torch.randn(2, 4),), tmp_path / "b.onnx")
-    assert not (tmp_path / "b.onnx").exists()
