@@ -116,8 +116,8 @@ def run_onnx(
         hint = ""
         if "invalid dimensions" in str(exc):
             hint = (" (the file keeps every axis but the batch, and the length of integer "
-                    "token ids, at the size of the first train batch: give batches of that "
-                    "size)")
+                    "token ids, at the size it was exported with: in compress, the first "
+                    "train batch's)")
         raise ExportError(
             f"onnxruntime failed on {where}: {type(exc).__name__}: {one_line(exc)}{hint}"
         ) from exc
