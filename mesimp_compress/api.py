@@ -176,31 +176,29 @@ def _run(
         if output is not None:
             from .pipeline import export_and_verify
 
-            try:
-                result.report = export_and_verify(
-                    output,
-                    proof=proof,
-                    original=original,
-                    compressed=tuned.model,
-                    example_inputs=example_inputs,
-                    eval_data=eval_data,
-                    plan=plan,
-                    config=cfg,
-                    tuned=tuned,
-                    skipped=result.skipped,
-                    metric=metric,
-                    sink=sink,
-                    factory=factory,
-                )
-            except BaseException:
-                # a published folder (a parity failure is published, marked failed; a sink may
-                # raise on 'written') ends the run: its checkpoint goes
-                if checkpointer is not None and output.published:
-                    checkpointer.clear()
-                raise
+            result.report = export_and_verify(
+                output,
+                proof=proof,
+                original=original,
+                compressed=tuned.model,
+                example_inputs=example_inputs,
+                eval_data=eval_data,
+                plan=plan,
+                config=cfg,
+                tuned=tuned,
+                skipped=result.skipped,
+                metric=metric,
+                sink=sink,
+                factory=factory,
+            )
             result.out = output.path
     except BaseException:
-        if output is not None and not output.published:
+        if output is not None and output.published:
+            # a published folder (a parity failure is published, marked failed; a sink may
+            # raise on 'written') ends the run: its checkpoint goes
+            if checkpointer is not None:
+                checkpointer.clear()
+        elif output is not None:
             output.discard()  # original.onnx was staged before fine-tuning
         raise
     if checkpointer is not None:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from .errors import DataError, MesimpError, describe
 
@@ -88,8 +89,6 @@ def to_device(value: Any, device: torch.device | str, *, where: str = "a batch")
 
 def has_nan(value: Any) -> bool:
     """Whether a floating-point tensor in ``value`` (nested tuples, lists, dicts) holds NaN."""
-    import torch.utils._pytree as pytree
-
     return any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any())
                for t in pytree.tree_leaves(value))
 

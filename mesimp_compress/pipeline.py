@@ -43,6 +43,8 @@ class OriginalProof:
     export: Any  # ExportResult
     parity: Any  # ParityResult
     metric: float  # the task metric of original.onnx on the eval data
+    batches: list[tuple[torch.Tensor, ...]]  # the parity inputs (the compressed model's too)
+    where: list[str]  # how errors name them
 
 
 def prove_original(
@@ -86,7 +88,7 @@ def prove_original(
     with torch.no_grad():
         like = before(*inputs)  # ORT's flat outputs go to the metric in this structure
     value = evaluate_onnx(session, eval_data, metric, input_names=exported.input_names, like=like)
-    return OriginalProof(exported, parity, value)
+    return OriginalProof(exported, parity, value, batches, names)
 
 
 def export_and_verify(
@@ -152,7 +154,7 @@ def _prove(
     from .report import build_report, layer_rows, write_report
     from .sizes import check_shrunk
     from .surgery import save_compressed
-    from .verify import check_parity, evaluate_onnx, make_session, parity_inputs
+    from .verify import check_parity, evaluate_onnx, make_session
 
     before = original.cpu().eval()  # the run's own copy, not needed on the device any more
     after = copy.deepcopy(compressed).cpu().eval()  # the caller keeps result.model where it was
@@ -175,7 +177,7 @@ def _prove(
 
         emit(sink, "stage", message="checking parity in onnxruntime")
         session = make_session(paths[COMPRESSED])
-        batches, where = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
+        batches, where = proof.batches, proof.where
         parity = {
             ORIGINAL: proof.parity,
             COMPRESSED: check_parity(

@@ -62,7 +62,6 @@ class _Assembler:
         self.allow_residual = allow_residual
         self.exclude = exclude
         self.out = out
-        self._reader_index: dict[int, list[int]] | None = None
 
     # ------------------------------------------------------------ helpers
     def gids(self, codes: torch.Tensor) -> torch.Tensor:
@@ -173,19 +172,18 @@ class _Assembler:
                         )
 
     # ------------------------------------------------------------ output
-    def _readers(self) -> dict[int, list[int]]:
-        """Group id -> indices of the member records that read its units (computed once:
-        scanning every record for every group was quadratic in the model's depth)."""
-        if self._reader_index is None:
-            index: dict[int, list[int]] = {}
-            for r, record in enumerate(self.tracer.members):
-                for gid in torch.unique(self.gids(record.codes)).tolist():
-                    if gid >= 0:
-                        index.setdefault(gid, []).append(r)
-            self._reader_index = index
-        return self._reader_index
+    def readers(self) -> dict[int, list[int]]:
+        """Group id -> indices of the member records that read its units (made once per
+        structure: scanning every record for every group was quadratic in the depth)."""
+        index: dict[int, list[int]] = {}
+        for r, record in enumerate(self.tracer.members):
+            for gid in torch.unique(self.gids(record.codes)).tolist():
+                if gid >= 0:
+                    index.setdefault(gid, []).append(r)
+        return index
 
-    def members_of(self, gids: Sequence[int], width: int) -> tuple[Member, ...]:
+    def members_of(self, gids: Sequence[int], width: int,
+                   readers: dict[int, list[int]]) -> tuple[Member, ...]:
         members = []
         for gid in gids:
             info = self.infos[gid]
@@ -196,7 +194,6 @@ class _Assembler:
             else:
                 attr = _OUT_ATTR[info.kind]
                 members.append(Member(info.module, info.kind, ROLE_OUT, width, attr, identity))
-        readers = self._readers()
         for r in sorted({r for gid in gids for r in readers.get(gid, ())}):
             record = self.tracer.members[r]
             positions = _positions(record, [self.infos[g] for g in gids], width)
@@ -220,6 +217,7 @@ class _Assembler:
         for info in self.infos:
             if info.lstm is not None:
                 lstm_keys.setdefault(info.module, []).append(info.key)
+        readers = self.readers()
         for gids in sorted(sets.values(), key=lambda g: g[0]):
             if any(self.reasons[g] for g in gids):
                 continue
@@ -230,7 +228,7 @@ class _Assembler:
                 kind=first.kind,
                 module=first.module,
                 width=first.width,
-                members=self.members_of(gids, first.width),
+                members=self.members_of(gids, first.width, readers),
                 tied=tied,
                 writers=tuple(self.infos[g].key for g in gids),
             )
