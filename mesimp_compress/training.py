@@ -192,6 +192,7 @@ class FineTuner:
             self._phases()
         finally:
             sync_selection(False)
+            self._unwrap()  # compress() leaves the process group next: no DDP may outlive it
         remove_meprop(self.model)
         self.simp.detach_means(self.model)
         metric_after = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
@@ -415,9 +416,7 @@ class FineTuner:
             else:  # a rollback to the pending snapshot undoes this prune too: it names it
                 self._guard["keys"] = sorted(set(self._guard["keys"]) | set(kept))
         before = self.simp.widths()
-        if self.net is not self.model:  # DDP holds the old gradient accumulators: let them go
-            self.net = self.model
-            gc.collect()
+        self._unwrap()  # DDP holds the old gradient accumulators: let them go
         self.simp.prune(self.model, kept, optimizer=self.optimizer)  # means: None when off
         self.net = wrap(self.model, self.world, self.device)  # DDP buckets follow the new shapes
         self.simp.select_activity(self.tracker, kept)
@@ -454,6 +453,7 @@ class FineTuner:
         if sign * metric >= sign * threshold:
             return
         snap = guard["snapshot"]
+        self._unwrap()
         self.model = snap["model"].train()  # a snapshot rebuilt on resume comes in eval mode
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(snap["optimizer"])
@@ -464,6 +464,14 @@ class FineTuner:
         rollback = Rollback(self.window_index, guard["keys"], metric, threshold)
         self.rollbacks.append(rollback)
         emit(self.sink, "rollback", **rollback.to_dict())
+
+    def _unwrap(self) -> None:
+        """Drop the DDP wrapper, if any, now: it holds the model's gradient accumulators and
+        the process group, and a wrapper freed late (by the garbage collector, at exit) may
+        tear down gloo's threads after the group is gone."""
+        if self.net is not self.model:
+            self.net = self.model
+            gc.collect()
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, epoch: int, batch: int) -> None:
@@ -522,9 +530,7 @@ class FineTuner:
                 f"epoch, {saved['examples']} examples; now {now['batches']}, "
                 f"{now['examples']}): resume with the data it was made on"
             )
-        if self.net is not self.model:  # DDP holds the full-size model's buckets: let them go
-            self.net = self.model
-            gc.collect()
+        self._unwrap()  # DDP holds the full-size model's buckets: let them go
         pristine = copy.deepcopy(self.model) if state.get("guard") else None
         self.simp.replay(self.model, Plan.from_dict(state["plan"]))
         self.model.load_state_dict(state["model"])

@@ -60,6 +60,7 @@ def main() -> None:
             mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=out / "ckpt",
                         sink=stop)
         except KeyboardInterrupt:
+            _check_left_clean()
             return
         raise SystemExit("the run was not interrupted")
     result = mc.compress(model, train, evaluation, config=cfg, checkpoint_dir=out / "ckpt",
@@ -69,6 +70,21 @@ def main() -> None:
     torch.save({"kept": result.plan.kept, "widths": result.widths,
                 "state": result.model.state_dict(), "metric": result.metric_after},
                out / f"rank{rank}.pt")
+
+
+def _check_left_clean() -> None:
+    """A run that failed left the process group, and dropped its DDP wrapper first (a
+    wrapper freed late may tear down gloo's threads at exit and abort the process)."""
+    import gc
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if dist.is_initialized():
+        raise SystemExit("the failed run did not leave the process group")
+    gc.collect()
+    if any(isinstance(o, DistributedDataParallel) for o in gc.get_objects()):
+        raise SystemExit("a DDP wrapper outlived the failed run")
 
 
 if __name__ == "__main__":
