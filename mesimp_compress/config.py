@@ -76,7 +76,9 @@ class CompressConfig:
     output_layer: str | None = None
     """The model's output layer, never pruned (None: found from the trace)."""
     allow_residual: bool = False
-    """Prune units coupled through residual adds (every writer shares one index set)."""
+    """Prune units coupled through residual adds (every writer shares one index set); units
+    coupled by a product (a gate: SwiGLU FFNs, squeeze-and-excitation) are pruned together
+    either way."""
     compensate: str = "linear"
     """What the layers reading removed units get instead: "off" (nothing), "mean" (their
     mean, folded into the consumer's bias) or "linear" (their least-squares prediction

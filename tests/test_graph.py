@@ -12,6 +12,8 @@ from torch import nn
 
 from mesimp_compress.errors import DataError
 from mesimp_compress.graph import Structure, find_groups
+from mesimp_compress.plan import make_plan
+from mesimp_compress.surgery import apply_plan, zero_removed
 
 torch.set_num_threads(1)
 
@@ -85,6 +87,51 @@ def test_allow_residual_merges_every_writer_of_the_stream() -> None:
         ("block1", "in"),
         ("head", "in"),
     }
+
+
+def test_a_gate_makes_one_group_of_its_two_writers_by_default() -> None:
+    """SwiGLU: gate and up meet in a product, not on a stream: pruned together, no flag."""
+    structure = find_groups(case("gated_ffn").build(), case("gated_ffn").example())
+    assert set(structure.groups) == {"gate"}
+    assert structure.groups["gate"].writers == ("gate", "up")
+    assert set(members(structure, "gate")) == {("gate", "out"), ("up", "out"), ("down", "in")}
+    assert "no prunable layer produces" in structure.reason("down")  # the stream stays
+
+
+class SqueezeExcite(nn.Module):
+    """conv1's channels scaled by an SE branch (fc2's outputs), then read by conv2; no skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 4)
+        self.fc2 = nn.Linear(4, 8)
+        self.conv2 = nn.Conv2d(8, 5, 3)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(h.mean((2, 3))))))
+        h = self.conv2(h * scale[:, :, None, None])
+        return self.head(h.mean((2, 3)))
+
+
+def test_squeeze_and_excitation_gates_the_channels_it_scales() -> None:
+    model = SqueezeExcite().eval()
+    x = torch.randn(2, 3, 6, 6)
+    structure = find_groups(model, x)
+    assert structure.groups["conv1"].writers == ("conv1", "fc2")
+    assert set(members(structure, "conv1")) == {
+        ("conv1", "out"), ("fc2", "out"), ("fc1", "in"), ("conv2", "in")
+    }
+    assert "fc1" in structure.groups  # the squeeze's hidden units are a group of their own
+    plan = make_plan(structure, {"conv1": [0, 2, 3, 5, 7], "fc1": [1, 3], "conv2": [0, 1, 4]})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    assert model.conv1.out_channels == model.fc2.out_features == model.fc1.in_features == 5
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-6)
 
 
 def test_lstm_groups_gates_tied_and_bidirectional_halves() -> None:

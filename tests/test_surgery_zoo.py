@@ -154,6 +154,24 @@ def _bert() -> nn.Module:
     return transformers.BertModel(config)
 
 
+class GatedFFN(nn.Module):
+    """A SwiGLU FFN in a pre-norm residual block, as Llama's MLP: ``gate`` and ``up`` meet in
+    a product (one group, two writers), ``down`` reads it; the stream itself is left alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(6)
+        self.gate = nn.Linear(6, 10, bias=False)
+        self.up = nn.Linear(6, 10)
+        self.down = nn.Linear(10, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.norm(x)
+        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return self.head(x)
+
+
 @dataclass(frozen=True)
 class Case:
     """A zoo entry: how to build the model, its example inputs, and its prunable keys."""
@@ -225,6 +243,7 @@ CASES = [
         ("proj", "lstm.l0"),
     ),
     Case("transformer", Encoder, lambda: torch.randn(2, 5, 16), ("layer.linear1",)),
+    Case("gated_ffn", GatedFFN, lambda: torch.randn(2, 5, 6), ("gate",)),
     Case(
         "bert",
         _bert,

@@ -2,10 +2,11 @@
 
 Policies (each blocked key lands in ``Structure.skipped`` with every reason found):
 the output layer is never pruned; a module called twice or holding a parameter shared with
-another module is left alone, and so is every group it reads; units on a residual stream
-(coupled elementwise with another layer's units) are left alone unless ``allow_residual``,
-in which case all writers of the stream form one group sharing one index set; the layers and
-directions of one nn.LSTM keep equal widths, so if one is left alone all are.
+another module is left alone, and so is every group it reads; units of two layers multiplied
+elementwise (a gate: GLU/SwiGLU FFNs, squeeze-and-excitation) form one group sharing one
+index set; units on a residual stream (added to another layer's units) are left alone unless
+``allow_residual``, in which case all writers of the stream form one group too; the layers
+and directions of one nn.LSTM keep equal widths, so if one is left alone all are.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .trace import GroupInfo, MemberRecord, Tracer
 
 _OUT_ATTR = {"Linear": "out_features", "Conv2d": "out_channels"}
 OUTPUT_REASON = "its units reach the model output (the output layer is never pruned)"
+# elementwise products: units meeting in one are a gate (one group), not a residual stream
+GATES = frozenset({"mul", "rmul", "imul", "mul_"})
 
 
 def find_groups(
@@ -59,6 +62,7 @@ class _Assembler:
         self.bases = torch.tensor([info.base for info in self.infos], dtype=torch.int64)
         self.reasons: list[list[str]] = [list(info.reasons) for info in self.infos]
         self.parent = list(range(len(self.infos)))
+        self.streams: set[int] = set()  # groups coupled by a residual add (not only gates)
         self.allow_residual = allow_residual
         self.exclude = exclude
         self.out = out
@@ -120,7 +124,8 @@ class _Assembler:
                 self.block_codes(record.codes, f"read by '{record.module}', which {problem}")
 
     def apply_couplings(self) -> None:
-        for a, b, where in self.tracer.couplings:
+        for a, b, where, op in self.tracer.couplings:
+            gate = op in GATES
             ga, gb = self.gids(a), self.gids(b)
             pairs = torch.unique(torch.stack([ga, gb], dim=1), dim=0).tolist()
             for i, j in pairs:
@@ -128,7 +133,9 @@ class _Assembler:
                 if i == j:
                     self.block(i, f"units of '{key_i}' are combined with each other ({where})")
                     continue
-                if not self.allow_residual:
+                if not gate:
+                    self.streams.update((i, j))
+                if not gate and not self.allow_residual:
                     for g, other in ((i, key_j), (j, key_i)):
                         self.block(
                             g,
@@ -142,8 +149,9 @@ class _Assembler:
                 lstm = self.infos[i].lstm is not None or self.infos[j].lstm is not None
                 if not same_units or self.infos[i].width != self.infos[j].width or lstm:
                     why = "LSTM units" if lstm else "units that do not correspond one to one"
+                    what = "gate" if gate else "residual stream"
                     for g in (i, j):
-                        self.block(g, f"its residual stream couples {why} ({where})")
+                        self.block(g, f"its {what} couples {why} ({where})")
                 self.parent[self.find(i)] = self.find(j)
 
     def propagate(self) -> None:
@@ -166,6 +174,8 @@ class _Assembler:
                             "is tied in width to"
                             if kind == "lstm"
                             else "shares a residual stream with"
+                            if g in self.streams or other in self.streams
+                            else "is gated together with"
                         )
                         changed |= self.block(
                             other, f"{verb} '{self.infos[g].key}', which is left alone"

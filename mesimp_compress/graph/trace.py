@@ -66,7 +66,7 @@ class Tracer(TorchFunctionMode):
         self.next_code = 1
         self.members: list[MemberRecord] = []
         self.blocks: list[tuple[torch.Tensor, str]] = []
-        self.couplings: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        self.couplings: list[tuple[torch.Tensor, torch.Tensor, str, str]] = []
         self.calls: Counter[str] = Counter()
         self.misuse: dict[str, str] = {}
         self.explicit_states: set[str] = set()
@@ -107,8 +107,8 @@ class Tracer(TorchFunctionMode):
                 self.block_codes(codes_of(label), reason)
 
     def couple(self, a: torch.Tensor, b: torch.Tensor, op: str) -> None:
-        """Units ``a[i]`` and ``b[i]`` meet elementwise (a residual add, a gate)."""
-        self.couplings.append((a.clone(), b.clone(), f"op '{op}' in {self.where()}"))
+        """Units ``a[i]`` and ``b[i]`` meet elementwise in op ``op`` (a residual add, a gate)."""
+        self.couplings.append((a.clone(), b.clone(), f"op '{op}' in {self.where()}", op))
 
     # ---------------------------------------------------------------- modules
     def consume(
