@@ -10,8 +10,9 @@ Schema (version 1); a key whose value is unknown holds ``null``::
                          name, kind, width_before, width_after (output units: Linear
                          out_features, Conv out_channels, LSTM hidden_size, ...),
                          params_before, params_after (PyTorch), onnx_params_before,
-                         onnx_params_after, size_status ("match"/"folded", see sizes.py) and
-                         folded_in (ONNX elements a folded neighbour added to the layer)
+                         onnx_params_after, size_status ("match"/"folded"/"computed",
+                         see sizes.py) and folded_in (ONNX elements a folded neighbour
+                         added to the layer)
     widths               per prunable layer key: {"before": n, "after": m} (equal if not cut)
     params               {"before", "after", "ratio"}: parameter totals of the two models
     metrics              {"name", "torch_before", "torch_after", "ort_before", "ort_after",

@@ -26,8 +26,13 @@ parameters were folded into a neighbour or are unused (``"folded"``). A module m
 more than its parameters when a neighbour was folded into it: every parameter is held at its
 own size, and the rest are tensors without a PyTorch counterpart, found by the fold pass or
 (TorchScript, which renames everything) by scope, and then no more elements than the modules
-reported ``"folded"`` have; that is a ``"match"`` whose surplus ``folded_in`` records. Anything
-else is a ``"mismatch"`` and a :class:`SizeError`. The compressed PyTorch model is the truth.
+reported ``"folded"`` have; that is a ``"match"`` whose surplus ``folded_in`` records. A module
+may hold fewer elements than in PyTorch where the exporter computed a constant from its
+parameters (``"computed"``): a Linear applied only to a parameter (DeBERTa's
+relative-position projections), weight normalisation's ``g`` and ``v`` stored as the one
+weight they make; that is taken only from a file of the dynamo exporter (which keeps
+parameter names) holding none of the module's parameters by name. Anything else is a
+``"mismatch"`` and a :class:`SizeError`. The compressed PyTorch model is the truth.
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ from torch import nn
 
 from .errors import SizeError
 
-MATCH, FOLDED, MISMATCH = "match", "folded", "mismatch"
+MATCH, FOLDED, COMPUTED, MISMATCH = "match", "folded", "computed", "mismatch"
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata the dynamo exporter writes
 
 
 @dataclass
@@ -95,6 +101,11 @@ def onnx_layer_sizes(
     }
     buffers = {name for name, _ in model.named_buffers()}
     consumers = _consumer_scopes(proto)
+    # the dynamo exporter keeps parameter names: a parameter it does not hold by name is gone
+    # from the file (TorchScript renames them all, so absence by name tells nothing there)
+    keeps_names = any(
+        prop.key == _SCOPES for node in proto.graph.node for prop in node.metadata_props
+    )
     owner: dict[str, set[str]] = {}  # initializer -> modules it counts for
     held: dict[str, set[str]] = {}  # module -> initializers holding its parameters (name, value)
     found: set[str] = set()  # parameters accounted for
@@ -104,6 +115,7 @@ def onnx_layer_sizes(
             owner.setdefault(name, set()).add(params[name][0])
             held.setdefault(params[name][0], set()).add(name)
             found.add(name)
+    named = set(found)
     products = _fold_products(proto, arrays, owner, buffers)  # 2. created by folding
     for iname, module_name in products.items():
         owner[iname] = {module_name}
@@ -162,6 +174,10 @@ def onnx_layer_sizes(
             extra = _surplus(own, found, shapes, held.get(module_name, set()), products)
             if extra is not None:
                 status, surplus[module_name] = MATCH, extra
+        if status == MISMATCH and in_onnx < count and keeps_names and not named & own.keys():
+            # the exporter computed constants from parameters it did not keep (found by value,
+            # if at all, only by chance: a zero bias equal to another's, weight_norm's v)
+            status = COMPUTED
         sizes.append(
             LayerSize(
                 name=module_name,
@@ -369,7 +385,7 @@ def _surplus(
 
 def _node_scope(node: Any) -> str | None:
     for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
+        if prop.key == _SCOPES:
             try:
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
@@ -437,4 +453,6 @@ def _raise_mismatches(file: str, sizes: list[LayerSize]) -> None:
         raise SizeError(f"{file} does not hold the model's layers: {text}{more}")
 
 
-__all__ = ["LayerSize", "check_shrunk", "onnx_layer_sizes", "MATCH", "FOLDED", "MISMATCH"]
+__all__ = [
+    "LayerSize", "check_shrunk", "onnx_layer_sizes", "MATCH", "FOLDED", "COMPUTED", "MISMATCH"
+]

@@ -8,7 +8,7 @@ from torch import nn
 from mesimp_compress.errors import SizeError
 from mesimp_compress.export import export_onnx
 from mesimp_compress.plan import Edit
-from mesimp_compress.sizes import FOLDED, MATCH, check_shrunk, onnx_layer_sizes
+from mesimp_compress.sizes import COMPUTED, FOLDED, MATCH, check_shrunk, onnx_layer_sizes
 
 torch.set_num_threads(1)
 
@@ -346,3 +346,57 @@ def test_layers_equal_at_export_do_not_make_the_compressed_file_look_larger(tmp_
     result = mc.compress(_Encoder(), data, data[:2], config=cfg, out=tmp_path / "out")
     assert result.report["status"] == "ok"  # it was a SizeError: 712 weights, not < 660
     assert result.widths == {"enc.layers.0.linear1": 4, "enc.layers.1.linear1": 4}
+
+
+class _ParameterOnly(nn.Module):
+    """A Linear applied to a parameter alone (DeBERTa's relative-position projections): the
+    exporter computes its result once and stores that constant instead of both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(4, 8))
+        self.pos_proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(x + self.pos_proj(self.rel).mean(0))
+
+
+def test_constants_computed_from_parameters_only_are_not_a_mismatch(tmp_path):
+    torch.manual_seed(0)
+    model = _ParameterOnly().eval()
+    path = export_onnx(model, (torch.randn(2, 8),), tmp_path / "m.onnx").path
+    sizes = _by_name(onnx_layer_sizes(path, model))
+    assert (sizes[""].params, sizes[""].onnx_params, sizes[""].status) == (32, 8, COMPUTED)
+    assert sizes["pos_proj"].status == FOLDED and sizes["fc"].status == MATCH
+
+
+def test_weight_norm_stored_as_the_weight_it_makes_is_not_a_mismatch(tmp_path):
+    """weight_norm starts with g = |v|, so the stored weight equals v by value and g is
+    missing (Wav2Vec2's positional conv: a SizeError); trained apart, the weight is no
+    parameter's and counts nowhere."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    for scale, status, held in ((1.0, COMPUTED, 30), (1.5, FOLDED, 0)):
+        torch.manual_seed(0)
+        model = nn.Sequential(weight_norm(nn.Linear(6, 5), dim=1), nn.ReLU(), nn.Linear(5, 2))
+        with torch.no_grad():
+            model[0].parametrizations.weight.original0.mul_(scale)
+        path = export_onnx(model.eval(), (torch.randn(2, 6),), tmp_path / f"{scale}.onnx").path
+        sizes = _by_name(onnx_layer_sizes(path, model))
+        wn = sizes["0.parametrizations.weight"]
+        assert (wn.params, wn.onnx_params, wn.status) == (6 + 30, held, status)
+        assert sizes["0"].status == MATCH  # the bias, by name
+
+
+def test_a_dynamo_file_holding_fewer_elements_of_a_layer_it_names_is_still_a_size_error(
+    tmp_path,
+):
+    """'computed' is for parameters the file lacks: one it holds by name, smaller than the
+    module's, is a mismatch (as is any layer of a TorchScript file, which renames them)."""
+    torch.manual_seed(0)
+    wide, narrow = _ParameterOnly().eval(), _ParameterOnly().eval()
+    narrow.fc = nn.Linear(8, 2)
+    path = export_onnx(narrow, (torch.randn(2, 8),), tmp_path / "m.onnx").path
+    with pytest.raises(SizeError, match=r"'fc' \(Linear\) 27 in PyTorch vs 18 in ONNX"):
+        onnx_layer_sizes(path, wide)
