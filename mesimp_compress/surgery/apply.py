@@ -8,8 +8,6 @@ state is remapped (:mod:`.optimizer`). Everything is checked before anything cha
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -23,6 +21,7 @@ from ..graph.modules import type_name
 from ..plan import Edit, Plan
 from .compensation import ActivationMeans, Substitute
 from .functions import ModulePruner, pruner_for
+from .hfconfig import update_configs
 from .optimizer import check_optimizer_state, remap_optimizer_state, select
 
 
@@ -217,43 +216,3 @@ def _compensation(
         deltas += [(target.module, tensor_name, delta) for tensor_name, delta in result.items()]
         report.compensated.append(name)
     return deltas
-
-
-def update_configs(model: nn.Module, plan: Plan) -> list[str]:
-    """Keep HF ``config.intermediate_size`` in step with the FFN widths; notes where it can't.
-
-    The field holds one width for all layers; it is updated when every sibling FFN layer
-    (same module name up to the layer number) has the same width after the plan.
-    """
-    configs = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and isinstance(getattr(config, "intermediate_size", None), int):
-            configs[id(config)] = config
-    notes: list[str] = []
-    if not configs:
-        return notes
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    patterns = []
-    for edit in plan.edits:
-        if edit.kind != "Linear" or edit.role != "out":
-            continue
-        if "intermediate" in edit.module or any(
-            edit.size == c.intermediate_size for c in configs.values()
-        ):
-            pattern = re.sub(r"\.\d+\.", ".*.", edit.module)
-            if pattern not in patterns:
-                patterns.append(pattern)
-    for pattern in patterns:
-        widths = {n: m.out_features for n, m in linears.items() if fnmatch.fnmatchcase(n, pattern)}
-        values = sorted(set(widths.values()))
-        for config in configs.values():
-            if len(values) == 1:
-                config.intermediate_size = values[0]
-            else:
-                notes.append(
-                    f"config.intermediate_size cannot represent per-layer widths of '{pattern}' "
-                    f"({values[0]}..{values[-1]} over {len(widths)} layers); it stays "
-                    f"{config.intermediate_size}: reload with load_compressed, not from_pretrained"
-                )
-    return notes

@@ -1,0 +1,67 @@
+"""HF configs follow the FFN widths a plan gives, whatever the family calls the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mesimp_compress.graph import find_groups
+from mesimp_compress.plan import make_plan
+from mesimp_compress.surgery import apply_plan
+
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(1)
+
+IDS = {"input_ids": torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(0))}
+
+
+def _families():
+    t = transformers
+    return {
+        "distilbert": (t.DistilBertModel, t.DistilBertConfig(
+            vocab_size=50, dim=32, n_layers=2, n_heads=2, hidden_dim=48,
+            max_position_embeddings=16), "hidden_dim"),
+        "t5": (t.T5EncoderModel, t.T5Config(
+            vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2), "d_ff"),
+        "opt": (t.OPTModel, t.OPTConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+            num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=32), "ffn_dim"),
+        "llama": (t.LlamaModel, t.LlamaConfig(
+            vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16),
+            "intermediate_size"),
+    }
+
+
+@pytest.mark.parametrize("family", ["distilbert", "t5", "opt", "llama"])
+def test_the_ffn_width_field_follows_and_from_pretrained_rebuilds(family, tmp_path):
+    cls, config, field = _families()[family]
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    structure = find_groups(model, IDS)
+    assert structure.groups, structure.skipped
+    kept = {k: list(range(1, 48, 3)) for k in structure.groups}
+    report = apply_plan(model, make_plan(structure, kept))
+    assert getattr(model.config, field) == 16 and report.notes == []
+    model.save_pretrained(tmp_path)
+    again = cls.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**IDS)[0], model(**IDS)[0])
+
+
+def test_a_layer_of_the_ffn_width_outside_the_ffn_does_not_set_the_field():
+    """BERT's pooler has the FFN's width here: the field follows the FFN, the pooler is noted."""
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    structure = find_groups(model, IDS)
+    kept = {k: list(range(16)) for k in structure.groups if "intermediate" in k}
+    kept["bert.pooler.dense"] = list(range(5))
+    report = apply_plan(model, make_plan(structure, kept))
+    assert model.config.intermediate_size == 16
+    assert report.notes == [
+        "the config has no field for the width of 'bert.pooler.dense' (32 -> 5): reload with "
+        "load_compressed, not from_pretrained"
+    ]
