@@ -28,7 +28,8 @@ def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise ShapeError(
             "the default loss/metric expect a tensor output and tensor targets; "
-            f"got {type(outputs).__name__} and {type(targets).__name__} (pass --loss/--metric)"
+            f"got {type(outputs).__name__} and {type(targets).__name__} (pass loss= and "
+            "metric=; --loss/--metric on the command line)"
         )
     if targets.dim() == 0:
         raise ShapeError(
