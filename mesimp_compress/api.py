@@ -213,6 +213,10 @@ def load(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
     from .surgery import load_compressed
 
     d = Path(directory)
+    if d.is_file():  # its plan.json named
+        d = d.parent
+    elif not d.is_dir():
+        raise CheckpointError(f"no run folder at '{d}'")
     return load_compressed(fresh_model, d / "plan.json", d / "weights.pt")
 
 

@@ -163,6 +163,8 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise PlanError(f"plan is not valid JSON: {err}") from err
+        except RecursionError:
+            raise PlanError("plan is not a plan.json (JSON nested too deeply)") from None
         return cls.from_dict(data)
 
     # ---------------------------------------------------------- composition

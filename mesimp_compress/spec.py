@@ -80,12 +80,28 @@ def load_weights(
     accepted only with ``trust_pickle=True``, since unpickling runs code from the file.
     """
     file = Path(path)
+    loaded = read_weights(file, trust_pickle=trust_pickle)
+    state = _state_dict_of(loaded, file)
+    check_state_dict(model, state, source=str(file))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def read_weights(
+    path: str | os.PathLike[str], *, trust_pickle: bool = False, map_location: Any = "cpu"
+) -> Any:
+    """What a weights file holds, read with ``torch.load(weights_only=True)`` (or, with
+    ``trust_pickle``, as the full pickle it is); CheckpointError in one line for a missing,
+    empty, corrupt or foreign file, and for a pickled object without ``trust_pickle``."""
+    file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"weights file {str(file)!r} does not exist or is not a file")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"weights file {str(file)!r} is empty")
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles: the error says it
             warnings.simplefilter("ignore", UserWarning)
-            loaded = torch.load(file, map_location="cpu", weights_only=not trust_pickle)
+            return torch.load(file, map_location=map_location, weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found and not trust_pickle:
@@ -95,14 +111,16 @@ def load_weights(
                 "(--trust-pickle)"
             ) from None
         reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
-        detail = " ".join(reason.group(1).split()) if reason else _describe(exc)
-        raise CheckpointError(f"cannot read weights {str(file)!r}: {detail}") from None
+        detail = f" ({' '.join(reason.group(1).split())})" if reason else ""
+        raise CheckpointError(
+            f"cannot read weights {str(file)!r}: not a file written by torch.save, or "
+            f"damaged{detail}"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for bad files
-        raise CheckpointError(f"cannot read weights {str(file)!r}: {_describe(exc)}") from None
-    state = _state_dict_of(loaded, file)
-    check_state_dict(model, state, source=str(file))
-    model.load_state_dict(state, strict=True)
-    return model
+        raise CheckpointError(
+            f"cannot read weights {str(file)!r}: not a file written by torch.save, or damaged "
+            f"({_describe(exc)})"
+        ) from None
 
 
 def check_state_dict(
@@ -213,4 +231,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-__all__ = ["check_state_dict", "load_factory", "load_object", "load_weights"]
+__all__ = ["check_state_dict", "load_factory", "load_object", "load_weights", "read_weights"]

@@ -77,3 +77,33 @@ def test_load_errors_are_typed(tmp_path) -> None:
         load_compressed(case.build(), plan, bad)
     with pytest.raises(CheckpointError, match="no state_dict"):
         load_compressed(case.build(), plan)
+
+
+def test_damaged_files_and_wrong_arguments_are_typed_errors(tmp_path) -> None:
+    """A corrupt run folder or a factory passed for its model: one-line typed errors."""
+    import mesimp_compress as mc
+    from mesimp_compress.errors import ConfigError
+    from mesimp_compress.surgery import apply_plan
+
+    case = CASES[CASE_IDS.index("sequential")]
+    model, plan = compressed(case)
+    save_compressed(model, plan, tmp_path)
+    with pytest.raises(ConfigError, match="call your factory"):
+        mc.load(case.build, tmp_path)
+    with pytest.raises(PlanError, match="read a plan file with read_plan"):
+        apply_plan(case.build(), str(tmp_path / "plan.json"))
+    with pytest.raises(CheckpointError, match="a mapping or a path, got list"):
+        load_compressed(case.build(), plan, [1, 2])
+    with pytest.raises(CheckpointError, match="no run folder"):
+        mc.load(case.build(), tmp_path / "elsewhere")
+    rebuilt = mc.load(case.build(), tmp_path / "plan.json")  # the folder's plan file named
+    assert torch.equal(rebuilt[0].weight, model[0].weight)
+    (tmp_path / "weights.pt").write_bytes(b"hello world\x00\x01")
+    with pytest.raises(CheckpointError, match="not a file written by torch.save, or damaged"):
+        mc.load(case.build(), tmp_path)
+    (tmp_path / "plan.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(PlanError, match="not UTF-8 text"):
+        mc.load(case.build(), tmp_path)
+    (tmp_path / "plan.json").write_text("[" * 100_000)
+    with pytest.raises(PlanError, match="nested too deeply"):
+        mc.load(case.build(), tmp_path)

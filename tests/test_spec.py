@@ -148,9 +148,17 @@ def test_a_pickled_module_needs_trust_pickle(tmp_path):
 def test_unreadable_or_missing_files_are_checkpoint_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(
-        CheckpointError, match="cannot read weights .*junk.pt.: Unsupported operand"
+        CheckpointError,
+        match="cannot read weights .*junk.pt.: not a file written by torch.save, or damaged "
+        r"\(Unsupported operand",
     ):
         load_weights(_net(), tmp_path / "junk.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt' is empty$"):
+        load_weights(_net(), tmp_path / "empty.pt")
+    (tmp_path / "proto.pt").write_bytes(b"hello world\x00\x01")  # torch.load: a raw KeyError
+    with pytest.raises(CheckpointError, match=r"or damaged \(KeyError"):
+        load_weights(_net(), tmp_path / "proto.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_weights(_net(), tmp_path / "nope.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")

@@ -8,6 +8,7 @@ state is remapped (:mod:`.optimizer`). Everything is checked before anything cha
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -110,6 +111,11 @@ def apply_plan(
     PlanError if the plan does not fit the model, ConfigError for optimizer state or means
     that cannot follow, and changes nothing in those cases.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"apply_plan needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, Plan):
+        hint = " (read a plan file with read_plan)" if isinstance(plan, (str, os.PathLike)) else ""
+        raise PlanError(f"apply_plan needs a Plan, got {type(plan).__name__}{hint}")
     targets = resolve(model, plan)
     params_before = sum(p.numel() for p in model.parameters())
     work: list[tuple[str, _Target, dict[str, dict[int, torch.Tensor]]]] = []

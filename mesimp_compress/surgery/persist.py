@@ -9,7 +9,6 @@ leaves a half-written file under the final name.
 from __future__ import annotations
 
 import os
-import pickle  # only for its error type: weights are read with weights_only=True
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, PlanError
+from ..errors import CheckpointError, ConfigError, PlanError
 from ..plan import Plan
 from .apply import apply_plan
 
@@ -59,6 +58,8 @@ def read_plan(path: str | os.PathLike[str]) -> Plan:
         text = file.read_text(encoding="utf-8")
     except OSError as err:
         raise PlanError(f"cannot read plan '{file}': {err.strerror or err}") from err
+    except UnicodeDecodeError:
+        raise PlanError(f"plan '{file}' is not a plan.json (not UTF-8 text)") from None
     return Plan.from_json(text)
 
 
@@ -76,6 +77,17 @@ def load_compressed(
     plan. Returns ``model``. Raises PlanError if the plan does not fit the model and
     CheckpointError if the weights cannot be read or do not fit.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"load needs a freshly built nn.Module (call your factory: load(build(), ...)); "
+            f"got {type(model).__name__}"
+        )
+    if not isinstance(plan, (Plan, str, os.PathLike)):
+        raise PlanError(f"plan must be a Plan or a path, got {type(plan).__name__}")
+    if not isinstance(state_dict, (Mapping, str, os.PathLike, type(None))):
+        raise CheckpointError(
+            f"state_dict must be a mapping or a path, got {type(state_dict).__name__}"
+        )
     folder: Path | None = None
     if not isinstance(plan, Plan):
         folder = Path(plan) if Path(plan).is_dir() else Path(plan).parent
@@ -85,10 +97,9 @@ def load_compressed(
             raise CheckpointError("no state_dict given and no folder to find weights.pt in")
         state_dict = folder / WEIGHTS_FILE
     if not isinstance(state_dict, Mapping):
-        try:
-            state_dict = torch.load(state_dict, map_location=map_location, weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-            raise CheckpointError(f"cannot read weights '{state_dict}': {err}") from err
+        from ..spec import read_weights
+
+        state_dict = read_weights(state_dict, map_location=map_location)
         if not isinstance(state_dict, Mapping):
             raise CheckpointError(
                 f"weights file holds a {type(state_dict).__name__}, not a state_dict"
