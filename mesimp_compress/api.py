@@ -289,6 +289,7 @@ def _config(config: Any) -> CompressConfig:
     if config is None:
         return CompressConfig()
     if isinstance(config, CompressConfig):
+        config.validate()  # a field may have been set after it was built
         return config
     if isinstance(config, Mapping):
         return CompressConfig.from_dict(dict(config))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -186,9 +187,12 @@ class CompressConfig:
                 raise ConfigError(f"{name} must be a list of module-name patterns, got {value!r}")
         if isinstance(self.device, torch.device):
             self.device = str(self.device)
-        if not isinstance(self.greater_is_better, bool):
+        for name in sorted(_BOOL_KEYS):  # a string such as "no" would read as true
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.output_layer is not None and not isinstance(self.output_layer, str):
             raise ConfigError(
-                f"greater_is_better must be true or false, got {self.greater_is_better!r}"
+                f"output_layer must be a module name or None, got {self.output_layer!r}"
             )
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError(
@@ -210,14 +214,25 @@ class CompressConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> CompressConfig:
         """Build from a mapping; hyphens in keys are accepted; unknown keys are errors."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"{source}: settings must be a mapping of keys to values, got "
+                f"{type(values).__name__}"
+            )
         known = {f.name: f for f in fields(cls)}
         clean: dict[str, Any] = {}
+        spelled: dict[str, Any] = {}
         for raw_key, value in values.items():
             key = str(raw_key).replace("-", "_")
             if key not in known:
                 raise ConfigError(
                     f"{source}: unknown key {raw_key!r}; valid keys: {', '.join(sorted(known))}"
                 )
+            if key in clean:
+                raise ConfigError(
+                    f"{source}: {key} is given twice (as {spelled[key]!r} and {raw_key!r})"
+                )
+            spelled[key] = raw_key
             clean[key] = _coerce(key, value, source)
         return cls(**clean)
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from mesimp_compress.config import CompressConfig
 from mesimp_compress.errors import ConfigError, KError
@@ -77,3 +78,29 @@ def test_a_recipe_saved_with_a_byte_order_mark_reads(tmp_path):
 def test_infinite_numbers_are_refused(key):
     with pytest.raises(ConfigError, match=f"{key} must be a finite number, got inf"):
         CompressConfig(**{key: float("inf")})
+
+
+@pytest.mark.parametrize("key", ["sparse_update", "sparse_bias", "allow_residual", "quantize"])
+def test_on_off_settings_built_in_python_must_be_bools(key):
+    """'no' is truthy: CompressConfig(sparse_update='no') once built a row-sparse optimizer."""
+    with pytest.raises(ConfigError, match=f"{key} must be true or false, got 'no'"):
+        CompressConfig(**{key: "no"})
+    with pytest.raises(ConfigError, match="output_layer must be a module name or None"):
+        CompressConfig(output_layer=3)
+
+
+def test_a_key_given_twice_or_settings_that_are_no_mapping_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"prune_rate is given twice \(as 'prune-rate' and "):
+        CompressConfig.from_dict({"prune-rate": 0.2, "prune_rate": 0.3})
+    for values in (None, [("k", 1)]):
+        with pytest.raises(ConfigError, match="must be a mapping of keys to values"):
+            CompressConfig.from_dict(values)
+
+
+def test_compress_validates_a_config_changed_after_it_was_built():
+    import mesimp_compress as mc
+
+    config = CompressConfig()
+    config.window = 5.0
+    with pytest.raises(ConfigError, match="window must lie in"):
+        mc.compress(torch.nn.Linear(2, 2), [], [], config=config)
