@@ -45,6 +45,7 @@ from .inputs import (
     on_device_of,
     resize_inputs,
 )
+from .outputs import check_parent, make_parent, remove_empty
 from .sizes import LayerSize, check_shrunk, onnx_layer_sizes
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -123,7 +124,8 @@ def export_onnx(
     if len(in_names) != len(inputs):
         raise ConfigError(f"{len(in_names)} input names for {len(inputs)} inputs")
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_parent(target, "ONNX file")
+    made = make_parent(target, "ONNX file")
     was_training = model.training
     model.eval()
     try:
@@ -147,6 +149,9 @@ def export_onnx(
             emit(sink, "export_fallback", exporter=exporter,
                  reason=f"the sequence axis is kept fixed ({error_line(exc)})")
             result = _export_with_fallback(job, target, exporter, sink)
+    except BaseException:
+        remove_empty(made)  # the folders made for a file that never came
+        raise
     finally:
         model.train(was_training)
     return result

@@ -46,17 +46,9 @@ class OutputDir:
                     f"output directory {self.path} exists and is not empty "
                     "(use --force to replace it)"
                 )
-        parent = self.path.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file where a folder should be, no permission, ...
-            raise OutputError(
-                f"cannot create the folder {parent} for the output: "
-                f"{exc.strerror or exc} ({exc.filename})"
-            ) from None
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"cannot write the output into {parent}: not a writable folder")
+        check_parent(self.path, "output")  # created with the staging folder, not before
         self._staging: Path | None = None
+        self._made: list[Path] = []  # folders made for the output, gone again on discard
         self.published = False  # set by commit()
         self._sweep()
 
@@ -73,10 +65,12 @@ class OutputDir:
     def staging(self) -> Path:
         """The folder files are written into before commit."""
         if self._staging is None:
+            self._made = make_parent(self.path, "output")
             self._staging = Path(
                 tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-",
                                  dir=self.path.parent)
             )
+            usual_mode(self._staging)  # it becomes the output folder
         return self._staging
 
     def file(self, name: str) -> Path:
@@ -129,6 +123,53 @@ class OutputDir:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+        remove_empty(self._made)
+        self._made = []
+
+
+def usual_mode(path: str | os.PathLike[str]) -> None:
+    """Give a file or folder made by ``tempfile`` (private: 0600/0700) the mode any new one
+    gets under the process's umask, as the user's other files have."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
+def check_parent(path: Path, what: str) -> None:
+    """OutputError unless the folder ``path`` goes in exists or can be made there: its
+    nearest existing ancestor must be a writable folder."""
+    parent = path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(
+            f"cannot create the folder {parent} for the {what}: {existing} is not a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the {what} into {existing}: not a writable folder")
+
+
+def make_parent(path: Path, what: str) -> list[Path]:
+    """Create the folder ``path`` goes in; return the folders made (deepest first), for
+    :func:`remove_empty` after a failure."""
+    parent = path.parent
+    missing = [p for p in (parent, *parent.parents) if not p.exists()]
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission, ...
+        raise OutputError(
+            f"cannot create the folder {parent} for the {what}: "
+            f"{exc.strerror or exc} ({exc.filename})"
+        ) from None
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: what a failed run made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _jsonable(value: Any) -> Any:

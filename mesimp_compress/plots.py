@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, DataError
+from .outputs import usual_mode
 
 WIDTHS_PNG = "widths.png"
 HITS_PNG = "hits.png"
@@ -151,6 +152,7 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png", dir=target.parent)
     os.close(fd)
+    usual_mode(tmp)
     try:
         fig.savefig(tmp, format="png")
         os.replace(tmp, target)

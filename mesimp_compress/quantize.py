@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import ExportError
 from .export import check_onnx, error_line, quiet
+from .outputs import usual_mode
 
 INT8_ATOL = 0.05
 INT8_RTOL = 0.05
@@ -28,6 +29,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
         prefix=f".{target.stem}.", suffix=".onnx.tmp", dir=target.parent
     )
     os.close(fd)
+    usual_mode(tmp_name)
     tmp = Path(tmp_name)
     try:
         with quiet():

@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .outputs import usual_mode
+
 REPORT_FORMAT = "mesimp-report"
 REPORT_VERSION = 1
 
@@ -174,6 +176,7 @@ def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Pat
     target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_plain(report), indent=2, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    usual_mode(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

@@ -80,3 +80,56 @@ def test_siblings_a_killed_run_left_are_swept_and_others_kept(tmp_path):
     OutputDir(tmp_path / "out")
     assert [p.exists() for p in left] == [False, False]
     assert all(p.exists() for p in kept)
+
+
+def test_folders_made_for_an_output_go_again_when_the_run_fails(tmp_path):
+    target = tmp_path / "a" / "b" / "run"
+    out = OutputDir(target)
+    assert list(tmp_path.iterdir()) == []  # nothing made before the first file
+    out.write_json("report.json", {"ok": True})
+    assert (tmp_path / "a" / "b").is_dir()
+    out.discard()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep.txt").write_text("x")  # a folder that holds something stays
+    out = OutputDir(target)
+    out.write_json("report.json", {"ok": True})
+    out.discard()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["keep.txt"]
+    out = OutputDir(target)
+    out.write_json("report.json", {"ok": True})
+    assert out.commit() == target and (target / "report.json").is_file()
+
+
+def test_a_failed_export_leaves_no_folder_it_made(tmp_path):
+    import torch
+
+    from mesimp_compress.errors import MesimpError
+    from mesimp_compress.export import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(MesimpError):
+        export_onnx(model, (torch.randn(2, 5),), tmp_path / "x" / "y" / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_published_folders_and_files_get_the_umask_mode_not_a_private_one(tmp_path):
+    """tempfile makes 0700 folders and 0600 files: a run folder others could not read."""
+    import os
+    import stat
+
+    import torch
+
+    from mesimp_compress.plan import Plan
+    from mesimp_compress.surgery import save_compressed
+
+    old = os.umask(0o027)
+    try:
+        out = OutputDir(tmp_path / "run")
+        out.write_json("report.json", {"ok": True})
+        save_compressed(torch.nn.Linear(2, 2), Plan(kept={}, widths={}, edits=[]), out.staging)
+        target = out.commit()
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [target, *target.iterdir()]}
+    assert modes == {"run": 0o750, "report.json": 0o640, "plan.json": 0o640, "weights.pt": 0o640}

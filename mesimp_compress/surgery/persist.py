@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, PlanError
+from ..outputs import usual_mode
 from ..plan import Plan
 from .apply import apply_plan
 
@@ -26,6 +27,7 @@ WEIGHTS_FILE = "weights.pt"
 
 def _write_atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    usual_mode(tmp)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
