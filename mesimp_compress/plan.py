@@ -124,7 +124,8 @@ class Plan:
         """Read a plan from :meth:`to_dict` data; PlanError if it is malformed."""
         if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a mesimp plan: expected format '{PLAN_FORMAT}'")
-        if data.get("version") != PLAN_VERSION:
+        version = data.get("version")
+        if isinstance(version, bool) or version != PLAN_VERSION:  # True == 1
             raise PlanError(
                 f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})"
             )
@@ -137,10 +138,11 @@ class Plan:
                 if not isinstance(attrs, Mapping) or len(attrs) != 1:
                     raise PlanError(f"edit of '{e['module']}' needs exactly one shape attribute")
                 ((attr, width),) = attrs.items()
+                _as_name(attr)
                 edit = Edit(
-                    str(e["module"]),
-                    str(e["kind"]),
-                    str(e["role"]),
+                    _as_name(e["module"]),
+                    _as_name(e["kind"]),
+                    _as_name(e["role"]),
                     _as_index(e["size"]),
                     tuple(_as_index(i) for i in e["kept"]),
                     str(attr),
@@ -259,6 +261,13 @@ def make_plan(structure: Structure, kept: Mapping[str, Iterable[int]]) -> Plan:
             raise PlanError(f"module '{slot[0]}' ({slot[1]}) would keep nothing")
         edits.append(Edit(slot[0], kind, slot[1], size, keep, attr))
     return Plan(plan_kept, widths, edits)
+
+
+def _as_name(value: Any) -> str:
+    """A name field of a plan file (a module, a kind, a role, an attribute)."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a name, got {value!r}")
+    return value
 
 
 def _as_index(value: Any) -> int:

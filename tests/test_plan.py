@@ -111,6 +111,8 @@ def test_json_round_trip_and_format() -> None:
         (lambda d: d["edits"].append(dict(d["edits"][0])), "edited twice"),
         (lambda d: d.pop("edits"), "malformed"),
         (lambda d: d["kept"].update({"0": [2, 5]}), "but the plan keeps"),
+        (lambda d: d.update(version=True), "version True is not supported"),
+        (lambda d: d["edits"][0].update(module=None), "expected a name, got None"),
     ],
 )
 def test_from_json_rejects_malformed_plans(mutate, match) -> None:
