@@ -28,7 +28,12 @@ None (its gradient is pending as rows: see :meth:`RowSparseOptimizer.row_grad`);
 that read ``.grad`` (e.g. gradient clipping) do not see it. Only a backward pass that
 accumulates into the weight hands rows on: ``torch.autograd.grad(loss, [weight])`` returns the
 masked gradient as usual, and ``autograd.grad`` of other tensors or ``backward(inputs=...)``
-without the weight hands nothing to the optimizer.
+without the weight hands nothing to the optimizer. Pending rows are dropped by this
+optimizer's ``zero_grad`` and ``step``, not by ``model.zero_grad()``: to throw a backward
+away, call the optimizer's ``zero_grad``. When another optimizer steps a weight one of
+these claimed (a switch to a plain optimizer while the old one is still referenced, say
+by its LR scheduler), the claim ends there: the pending rows go into ``.grad`` for that
+step and later backward passes fill ``.grad`` again.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             )
         self._rows: dict[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         super().__init__(params, defaults)
+        _watch_other_steps()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
         super().add_param_group(param_group)
@@ -98,6 +104,19 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             for param in group["params"]:
                 if rowgrad.consumer_of(param) is self:
                     rowgrad.release(param)
+
+    def hand_back(self, param: torch.Tensor) -> None:
+        """Stop claiming ``param``: its pending rows are added into ``.grad``, and later
+        backward passes fill ``.grad``."""
+        if rowgrad.consumer_of(param) is self:
+            rowgrad.release(param)
+        pending = self._rows.pop(param, None)
+        if pending:
+            rows, values = _coalesce(pending)
+            with torch.no_grad():
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad.index_add_(0, rows, values.to(param.grad.dtype))
 
     def _gradients(self, group: dict[str, Any]):
         """For each parameter of ``group`` with a gradient: (param, dense grad, rows, values).
@@ -259,6 +278,31 @@ def _sgd(p, grad, buf, group):
         buf.mul_(group["momentum"]).add_(grad)
         grad = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
     p.add_(grad, alpha=-group["lr"])
+
+
+_WATCHING: list[bool] = [False]
+
+
+def _watch_other_steps() -> None:
+    """Once per process: before any other optimizer steps, end the claims on its weights."""
+    if not _WATCHING[0]:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        register_optimizer_step_pre_hook(_hand_back_claimed)
+        _WATCHING[0] = True
+
+
+def _hand_back_claimed(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """A step pre-hook of every optimizer: a weight a live row-sparse optimizer claimed,
+    stepped by another one, goes back to ``.grad`` (its rows would otherwise wait, unseen,
+    in the first optimizer, and the second would skip the weight as gradient-free)."""
+    if isinstance(optimizer, RowSparseOptimizer) or not rowgrad.claimed():
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            owner = rowgrad.consumer_of(param)
+            if isinstance(owner, RowSparseOptimizer):
+                owner.hand_back(param)
 
 
 def _coalesce(

@@ -308,3 +308,26 @@ def test_an_empty_batch_gives_the_optimizer_no_rows_and_no_step():
     opt.step()
     assert "step" not in opt.state[model[0].weight]  # Adam's bias correction is untouched
     assert float(opt.state[model[0].bias]["step"]) == 1  # dense zero gradient: a dense step
+
+
+def test_a_plain_optimizer_stepping_a_claimed_weight_takes_it_back():
+    """A switch to torch.optim.Adam while the row-sparse one is still referenced (by its LR
+    scheduler, say): the weights train as under Adam alone, no rows pile up unseen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    apply_meprop(model, 5)
+    x, t = torch.randn(4, 16), torch.randn(4, 8)
+    sparse = RowSparseAdam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(sparse, 5)  # keeps `sparse` alive
+    reference = copy.deepcopy(model)  # its parameters are new objects: not claimed
+    runs = [(model, torch.optim.Adam(model.parameters(), lr=1e-2)),
+            (reference, torch.optim.Adam(reference.parameters(), lr=1e-2))]
+    for _ in range(3):
+        for m, optimizer in runs:
+            optimizer.zero_grad()
+            ((m(x) - t) ** 2).mean().backward()
+            optimizer.step()
+    assert scheduler.optimizer is sparse and not sparse._rows
+    assert rowgrad.consumer_of(model[0].weight) is None
+    for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(mine, theirs)

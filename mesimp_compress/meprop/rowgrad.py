@@ -48,6 +48,11 @@ def release(param: torch.Tensor) -> None:
         del _CLAIMS[id(param)]
 
 
+def claimed() -> bool:
+    """Whether any parameter is claimed now."""
+    return bool(_CLAIMS)
+
+
 def consumer_of(param: torch.Tensor) -> RowConsumer | None:
     """The live consumer that claimed ``param``, if any."""
     entry = _CLAIMS.get(id(param))
