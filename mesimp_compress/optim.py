@@ -79,6 +79,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 rowgrad.claim(param, self)
+        _watch_other_steps()
 
     def add_rows(self, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Accumulate a row gradient of ``param`` until the next step (no rows: nothing)."""
