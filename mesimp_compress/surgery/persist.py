@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, PlanError
 from ..outputs import usual_mode
 from ..plan import Plan
+from ..spec import read_weights
 from .apply import apply_plan
 
 PLAN_FILE = "plan.json"
@@ -99,8 +100,6 @@ def load_compressed(
             raise CheckpointError("no state_dict given and no folder to find weights.pt in")
         state_dict = folder / WEIGHTS_FILE
     if not isinstance(state_dict, Mapping):
-        from ..spec import read_weights
-
         state_dict = read_weights(state_dict, map_location=map_location)
         if not isinstance(state_dict, Mapping):
             raise CheckpointError(
