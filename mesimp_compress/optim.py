@@ -122,8 +122,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     def _gradients(self, group: dict[str, Any]):
         """For each parameter of ``group`` with a gradient: (param, dense grad, rows, values).
 
-        A parameter with only a row gradient has ``grad`` None; one with both has the rows
-        folded into its dense ``grad`` and ``rows`` None. Pending rows are consumed.
+        A parameter with only a row gradient (or rows and an all-zero ``.grad``, as
+        ``zero_grad(set_to_none=False)`` leaves one) has ``grad`` None; one with both has
+        the rows folded into its dense ``grad`` and ``rows`` None. Pending rows are consumed.
         """
         for param in group["params"]:
             pending = self._rows.pop(param, None)
@@ -134,8 +135,8 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 continue
             rows, values = _coalesce(pending)
             values = values.to(param.dtype)
-            if grad is None:
-                yield param, None, rows, values
+            if grad is None or not bool(grad.any()):  # a .grad zeroed in place is no dense
+                yield param, None, rows, values  # part: the step stays a row step
             else:
                 yield param, grad.index_add(0, rows, values.to(grad.dtype)), None, None
 

@@ -331,3 +331,22 @@ def test_a_plain_optimizer_stepping_a_claimed_weight_takes_it_back():
     assert rowgrad.consumer_of(model[0].weight) is None
     for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(mine, theirs)
+
+
+def test_a_gradient_zeroed_in_place_does_not_turn_row_steps_dense():
+    """A backward before the optimizer existed leaves a .grad; zero_grad(set_to_none=False)
+    zeroes it in place. Rows must still move alone (they moved 4, 8, 12, 14 per step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    data = [(torch.randn(4, 16), torch.randn(4, 8)) for _ in range(4)]
+    ((model(data[0][0]) - data[0][1]) ** 2).mean().backward()  # a dense sanity backward
+    apply_meprop(model, 4)
+    opt = RowSparseAdam(model.parameters(), lr=1e-2)
+    moved = []
+    for x, t in data:
+        opt.zero_grad(set_to_none=False)
+        ((model(x) - t) ** 2).mean().backward()
+        before = model[0].weight.detach().clone()
+        opt.step()
+        moved.append(int((model[0].weight != before).any(1).sum()))
+    assert moved == [4, 4, 4, 4]
