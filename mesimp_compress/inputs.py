@@ -64,6 +64,35 @@ def default_dynamic_axes(inputs: Sequence[torch.Tensor]) -> list[dict[int, str]]
     return axes
 
 
+def observed_axes(
+    example: Sequence[torch.Tensor], others: Sequence[Sequence[Any]]
+) -> list[dict[int, str]] | None:
+    """The default dynamic axes of ``example``, plus every other axis whose size differs in
+    ``others`` (the inputs of other batches): the length of float sequences padded per batch
+    (audio, time series, features before an LSTM), an image size that varies. Dim 1 becomes
+    the shared ``"seq"`` axis where its size agrees with the token ids'; any other such axis
+    gets a name of its own. None when nothing varies beyond the defaults."""
+    axes = default_dynamic_axes(example)
+    seq_sizes = {x.shape[d] for x, a in zip(example, axes, strict=True)
+                 for d, name in a.items() if name == SEQ}
+    added = False
+    for i, x in enumerate(example):
+        for d in range(1, x.dim()):
+            varies = any(
+                len(other) == len(example) and isinstance(other[i], torch.Tensor)
+                and other[i].dim() == x.dim() and other[i].shape[d] != x.shape[d]
+                for other in others
+            )
+            if d in axes[i] or not varies:
+                continue
+            shared = d == 1 and (not seq_sizes or x.shape[1] in seq_sizes)
+            axes[i][d] = SEQ if shared else f"input{i}_dim{d}"
+            if shared:
+                seq_sizes.add(x.shape[1])
+            added = True
+    return axes if added else None
+
+
 def resize_inputs(
     inputs: Sequence[torch.Tensor],
     batch: int,

@@ -45,6 +45,7 @@ class OriginalProof:
     metric: float  # the task metric of original.onnx on the eval data
     batches: list[tuple[torch.Tensor, ...]]  # the parity inputs (the compressed model's too)
     where: list[str]  # how errors name them
+    axes: list[dict[int, str]] | None = None  # dynamic axes beyond the defaults, if any
 
 
 def prove_original(
@@ -59,7 +60,9 @@ def prove_original(
     """Export ``original.onnx`` into the staging folder and check it: ParityError when
     onnxruntime disagrees with PyTorch on the original already (no compressed model could
     then be proven; adjust atol/rtol or opset)."""
+    from .batches import user_code
     from .export import export_onnx
+    from .inputs import observed_axes
     from .verify import check_parity, evaluate_onnx, make_session, parity_inputs
 
     emit(sink, "stage", message="exporting and checking the original model (before fine-tuning)")
@@ -68,9 +71,15 @@ def prove_original(
     before.eval()
     inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     path = output.file("original.onnx")
-    exported = export_onnx(before, inputs, path, opset=cfg.opset, sink=sink)
-    session = make_session(path)
     batches, names = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
+    axes = observed_axes(inputs, batches)  # e.g. float sequences padded per batch
+    if axes is not None:  # a size may differ because the batch is bad: the model says which
+        with torch.no_grad():
+            for batch, name in zip(batches, names, strict=True):
+                with user_code("the model", name):
+                    before(*batch)
+    exported = export_onnx(before, inputs, path, opset=cfg.opset, dynamic_axes=axes, sink=sink)
+    session = make_session(path)
     try:
         parity = check_parity(
             session,
@@ -88,7 +97,7 @@ def prove_original(
     with torch.no_grad():
         like = before(*inputs)  # ORT's flat outputs go to the metric in this structure
     value = evaluate_onnx(session, eval_data, metric, input_names=exported.input_names, like=like)
-    return OriginalProof(exported, parity, value, batches, names)
+    return OriginalProof(exported, parity, value, batches, names, axes)
 
 
 def export_and_verify(
@@ -163,7 +172,8 @@ def _prove(
     with tempfile.TemporaryDirectory(prefix="mesimp-ref-") as scratch:
         exports = {
             ORIGINAL: proof.export,
-            COMPRESSED: export_onnx(after, inputs, paths[COMPRESSED], opset=cfg.opset, sink=sink),
+            COMPRESSED: export_onnx(after, inputs, paths[COMPRESSED], opset=cfg.opset,
+                                    dynamic_axes=proof.axes, sink=sink),
         }
         names = exports[COMPRESSED].input_names
         emit(sink, "stage", message="checking that every pruned layer shrank in ONNX")
@@ -205,7 +215,8 @@ def _prove(
 
         timed = {ORIGINAL: paths[ORIGINAL], COMPRESSED: paths[COMPRESSED]}
         reference = Path(scratch) / "reference.onnx"
-        export_onnx(dense_twin(after), inputs, reference, opset=cfg.opset, sink=sink)
+        export_onnx(dense_twin(after), inputs, reference, opset=cfg.opset,
+                    dynamic_axes=proof.axes, sink=sink)
         timed[REFERENCE] = reference
         if cfg.quantize:
             from .quantize import quantize_int8
@@ -237,6 +248,7 @@ def _prove(
             seq=cfg.bench_seq,
             rounds=30,
             max_seconds=20.0,
+            axes=proof.axes,
             input_names=names,
             sink=sink,
         )

@@ -115,9 +115,9 @@ def run_onnx(
     except Exception as exc:  # onnxruntime raises its own exception types
         hint = ""
         if "invalid dimensions" in str(exc):
-            hint = (" (the file keeps every axis but the batch, and the length of integer "
-                    "token ids, at the size it was exported with: in compress, the first "
-                    "train batch's)")
+            hint = (" (the file keeps every axis at the size it was exported with but the "
+                    "batch, the length of integer token ids and, in compress, the axes that "
+                    "differ between the first train batch and the first eval batches)")
         raise ExportError(
             f"onnxruntime failed on {where}: {type(exc).__name__}: {one_line(exc)}{hint}"
         ) from exc

@@ -403,3 +403,44 @@ def test_an_output_folder_does_not_change_the_fine_tuning(tmp_path) -> None:
     written = mc.compress(model(), *loaders(), config=cfg, out=tmp_path / "out")
     assert [r.loss for r in written.history] == [r.loss for r in plain.history]
     assert written.plan.kept == plain.plan.kept
+
+
+class FloatTagger(torch.nn.Module):
+    """Float features through an LSTM, one class per position: audio or time series padded
+    to each batch's own length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(6, 24)
+        self.lstm = torch.nn.LSTM(24, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(torch.relu(self.proj(x)))[0])
+
+
+def test_float_sequences_whose_length_varies_by_batch_export_with_a_dynamic_length(tmp_path):
+    """Only the batch axis (and token ids' length) was dynamic: the original's proof failed
+    on the first eval batch of another length, before any training."""
+    g = torch.Generator().manual_seed(0)
+
+    def batch(length: int):
+        x = torch.randn(8, length, 6, generator=g)
+        return x, (x[..., :3].argmax(-1))
+
+    train = [batch(n) for n in (9, 5, 7, 11, 6, 8, 10, 4)]
+    evaluation = [batch(n) for n in (7, 12, 5)]
+    cfg = CFG.replace(batches=[1, 2], window=0.5)
+    result = mc.compress(FloatTagger(), train, evaluation, config=cfg, out=tmp_path / "out")
+    report = result.report
+    assert report["status"] == "ok"  # parity held on eval batches of lengths 7, 12 and 5
+    metrics = report["metrics"]
+    assert metrics["ort_after"] == pytest.approx(metrics["torch_after"], abs=1e-6)
+    import onnx
+
+    for name in ("original.onnx", "model.onnx"):
+        dims = onnx.load(str(tmp_path / "out" / name)).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in dims] == ["batch", "seq", 6]
+    widths = result.widths
+    assert widths["proj"] < 24 and widths["lstm.l0"] < 16

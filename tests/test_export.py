@@ -41,6 +41,22 @@ def test_default_axes_batch_everywhere_and_seq_for_integer_2d_inputs():
                     {0: "batch"}]
 
 
+def test_axes_that_vary_between_batches_become_dynamic():
+    from mesimp_compress.inputs import observed_axes
+
+    ids, feats, image = torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 7, 5), torch.zeros(
+        2, 3, 8, 8)
+    same = (torch.zeros(4, 7, dtype=torch.long), torch.zeros(4, 7, 5), torch.zeros(4, 3, 8, 8))
+    assert observed_axes((ids, feats, image), [same]) is None  # only the batch differs
+    other = (torch.zeros(4, 9, dtype=torch.long), torch.zeros(4, 9, 5), torch.zeros(4, 3, 8, 6))
+    assert observed_axes((ids, feats, image), [same, other]) == [
+        {0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}, {0: "batch", 3: "input2_dim3"}]
+    # a float length that is not the ids' gets a name of its own
+    longer = (torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 11, 5), image)
+    assert observed_axes((ids, torch.zeros(2, 9, 5), image), [longer])[1] == {
+        0: "batch", 1: "input1_dim1"}
+
+
 def test_resize_repeats_and_slices_rows_so_ids_stay_valid():
     ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
