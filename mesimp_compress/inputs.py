@@ -70,25 +70,26 @@ def observed_axes(
     """The default dynamic axes of ``example``, plus every other axis whose size differs in
     ``others`` (the inputs of other batches): the length of float sequences padded per batch
     (audio, time series, features before an LSTM), an image size that varies. Dim 1 becomes
-    the shared ``"seq"`` axis where its size agrees with the token ids'; any other such axis
-    gets a name of its own. None when nothing varies beyond the defaults."""
+    the shared ``"seq"`` axis where its size equals the token ids' in every batch; any other
+    such axis gets a name of its own. None when nothing varies beyond the defaults."""
     axes = default_dynamic_axes(example)
-    seq_sizes = {x.shape[d] for x, a in zip(example, axes, strict=True)
-                 for d, name in a.items() if name == SEQ}
+    batches = [example, *(o for o in others if len(o) == len(example))]
+
+    def sizes(i: int, d: int) -> list[int | None]:
+        return [b[i].shape[d] if isinstance(b[i], torch.Tensor) and b[i].dim() == example[i].dim()
+                else None for b in batches]
+
+    seq = [i for i, a in enumerate(axes) if a.get(1) == SEQ]
     added = False
     for i, x in enumerate(example):
         for d in range(1, x.dim()):
-            varies = any(
-                len(other) == len(example) and isinstance(other[i], torch.Tensor)
-                and other[i].dim() == x.dim() and other[i].shape[d] != x.shape[d]
-                for other in others
-            )
-            if d in axes[i] or not varies:
+            mine = sizes(i, d)
+            if d in axes[i] or len({n for n in mine if n is not None}) < 2:
                 continue
-            shared = d == 1 and (not seq_sizes or x.shape[1] in seq_sizes)
+            shared = d == 1 and all(sizes(j, 1) == mine for j in seq)
             axes[i][d] = SEQ if shared else f"input{i}_dim{d}"
             if shared:
-                seq_sizes.add(x.shape[1])
+                seq.append(i)
             added = True
     return axes if added else None
 

@@ -55,6 +55,10 @@ def test_axes_that_vary_between_batches_become_dynamic():
     longer = (torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 11, 5), image)
     assert observed_axes((ids, torch.zeros(2, 9, 5), image), [longer])[1] == {
         0: "batch", 1: "input1_dim1"}
+    # equal to the ids' length in the first batch only: still a length of its own
+    first = (torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, 5))
+    later = (torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 3, 5))
+    assert observed_axes(first, [later]) == [{0: "batch", 1: "seq"}, {0: "batch", 1: "input1_dim1"}]
 
 
 def test_resize_repeats_and_slices_rows_so_ids_stay_valid():
