@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import CompressConfig
-from .errors import ConfigError, ParityError
+from .errors import ConfigError, ExportError, ParityError
 from .events import EventSink, emit
 from .outputs import OutputDir
 
@@ -73,12 +73,16 @@ def prove_original(
     path = output.file("original.onnx")
     batches, names = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
     axes = observed_axes(inputs, batches)  # e.g. float sequences padded per batch
-    if axes is not None:  # a size may differ because the batch is bad: the model says which
-        with torch.no_grad():
-            for batch, name in zip(batches, names, strict=True):
-                with user_code("the model", name):
-                    before(*batch)
-    exported = export_onnx(before, inputs, path, opset=cfg.opset, dynamic_axes=axes, sink=sink)
+    try:
+        exported = export_onnx(before, inputs, path, opset=cfg.opset, dynamic_axes=axes,
+                               sink=sink)
+    except ExportError:
+        if axes is not None:  # a size may differ because a batch is bad: the model says which
+            with torch.no_grad():
+                for batch, name in zip(batches, names, strict=True):
+                    with user_code("the model", name):
+                        before(*batch)
+        raise
     session = make_session(path)
     try:
         parity = check_parity(
