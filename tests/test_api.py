@@ -444,3 +444,31 @@ def test_float_sequences_whose_length_varies_by_batch_export_with_a_dynamic_leng
         assert [d.dim_param or d.dim_value for d in dims] == ["batch", "seq", 6]
     widths = result.widths
     assert widths["proj"] < 24 and widths["lstm.l0"] < 16
+
+
+class _Siamese(torch.nn.Module):
+    """One encoder over both halves of the features (weights shared), a head over both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(),
+                                       torch.nn.Linear(32, 24), torch.nn.ReLU())
+        self.head = torch.nn.Linear(48, _tiny.CLASSES)
+
+    def forward(self, a, b):
+        return self.head(torch.cat([self.enc(a), self.enc(b)], -1))
+
+
+def test_a_siamese_encoder_called_twice_a_step_is_compressed_end_to_end(tmp_path, data) -> None:
+    train, eval_data = ([((x[:, :6], x[:, 6:]), y) for x, y in part] for part in data)
+    result = mc.compress(_Siamese(), train, eval_data, config=CFG,
+                         out=tmp_path / "out")
+    assert result.widths["enc.0"] < 32 and result.widths["enc.2"] < 24
+    report = read_report(tmp_path / "out" / "report.json")
+    assert report["status"] == "ok"
+    assert report["layers"][-1]["params_after"] == (2 * result.widths["enc.2"] + 1) * 4
+    rebuilt = mc.load(_Siamese(), tmp_path / "out").eval()
+    a, b = eval_data[0][0]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(a, b), result.model.eval()(a, b))

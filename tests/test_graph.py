@@ -205,10 +205,95 @@ class Tied(nn.Module):
         return self.out(F.relu(self.c(F.relu(self.b(F.relu(self.a(x)))))))
 
 
-def test_shared_linear_is_not_pruned() -> None:
+def test_a_layer_reading_other_units_on_another_call_is_left_alone() -> None:
+    """'a' reads the input, then its own units: its width cannot change."""
     structure = find_groups(SharedUse(), torch.randn(2, 4))
-    assert "called 2 times" in structure.reason("a")
+    assert "'a', which is called 2 times and does not read the same units" in (
+        structure.reason("a"))
     assert set(structure.groups) == {"b"}
+
+
+class Siamese(nn.Module):
+    """One encoder applied to two inputs, its two outputs concatenated for the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU())
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, a, b):
+        return self.head(torch.cat([self.enc(a), self.enc(b)], -1))
+
+
+class SharedHead(nn.Module):
+    """One head over two different encoders: 'a' and 'b' would have to lose the same units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.mid = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.a(x))) + self.head(F.relu(self.b(x)))
+
+
+class Looped(nn.Module):
+    """A two-layer block applied three times: its hidden units read the same way each time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 7), nn.Linear(7, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for _ in range(3):
+            h = torch.tanh(self.fc2(F.relu(self.fc1(h))))
+        return self.out(h)
+
+
+def test_a_module_called_on_each_input_prunes_once_for_every_call() -> None:
+    torch.manual_seed(0)
+    model = Siamese().eval()
+    x = (torch.randn(3, 4), torch.randn(3, 4))
+    structure = find_groups(model, x)
+    assert set(structure.groups) == {"enc.0", "enc.2"}
+    head = members(structure, "enc.2")[("head", "in")]
+    assert head.positions == tuple((u, u + 5) for u in range(5))  # both halves of the concat
+    assert [m.role for m in structure.groups["enc.0"].members] == ["out", "in"]  # one record
+    plan = make_plan(structure, {"enc.0": [1, 4], "enc.2": [0, 2, 3]})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    assert (model.enc[0].out_features, model.enc[2].in_features) == (2, 2)
+    assert (model.enc[2].out_features, model.head.in_features) == (3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), masked(*x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_applied_in_a_loop_prunes_its_hidden_units() -> None:
+    torch.manual_seed(0)
+    model = Looped().eval()
+    x = torch.randn(3, 4)
+    structure = find_groups(model, x)
+    assert set(structure.groups) == {"fc1"}
+    assert "'fc1', which is called 3 times" in structure.reason("inp")  # x, then fc2's units
+    assert "'fc1', which is called 3 times" in structure.reason("fc2")
+    plan = make_plan(structure, {"fc1": [0, 3, 6]})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    assert (model.fc1.out_features, model.fc2.in_features) == (3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_module_reading_two_producers_leaves_both_alone() -> None:
+    structure = find_groups(SharedHead(), torch.randn(3, 4))
+    assert set(structure.groups) == set()
+    for key in ("a", "b"):
+        assert "'head', which is called 2 times" in structure.reason(key)
+    assert "not called as a module" in structure.reason("mid")
 
 
 def test_tied_parameters_are_not_pruned_nor_what_they_read() -> None:

@@ -30,10 +30,19 @@ def _families():
             vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16),
             "intermediate_size"),
+        # one FFN shared by every layer (called 3 times), and BERT's FFN run chunk by chunk
+        "albert": (t.AlbertModel, t.AlbertConfig(
+            vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+            num_attention_heads=2, intermediate_size=48, max_position_embeddings=16),
+            "intermediate_size"),
+        "bert-chunked": (t.BertModel, t.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=48, max_position_embeddings=16, chunk_size_feed_forward=4),
+            "intermediate_size"),
     }
 
 
-@pytest.mark.parametrize("family", ["distilbert", "t5", "opt", "llama"])
+@pytest.mark.parametrize("family", ["distilbert", "t5", "opt", "llama", "albert", "bert-chunked"])
 def test_the_ffn_width_field_follows_and_from_pretrained_rebuilds(family, tmp_path):
     cls, config, field = _families()[family]
     torch.manual_seed(0)

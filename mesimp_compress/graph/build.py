@@ -1,12 +1,14 @@
 """Assemble a trace into groups: apply the policies, merge or block coupled units.
 
 Policies (each blocked key lands in ``Structure.skipped`` with every reason found):
-the output layer is never pruned; a module called twice or holding a parameter shared with
-another module is left alone, and so is every group it reads; units of two layers multiplied
-elementwise (a gate: GLU/SwiGLU FFNs, squeeze-and-excitation) form one group sharing one
-index set; units on a residual stream (added to another layer's units) are left alone unless
-``allow_residual``, in which case all writers of the stream form one group too; the layers
-and directions of one nn.LSTM keep equal widths, so if one is left alone all are.
+the output layer is never pruned; a module holding a parameter shared with another module is
+left alone, and so is every group it reads; a module called more than once prunes like any
+other, but the units it reads only where every call reads the same ones; units of two
+layers multiplied elementwise (a gate: GLU/SwiGLU FFNs, squeeze-and-excitation) form one
+group sharing one index set; units on a residual stream (added to another layer's units) are
+left alone unless ``allow_residual``, in which case all writers of the stream form one group
+too; the layers and directions of one nn.LSTM keep equal widths, so if one is left alone all
+are.
 """
 
 from __future__ import annotations
@@ -96,9 +98,6 @@ class _Assembler:
 
     # ------------------------------------------------------------ policies
     def module_problem(self, name: str) -> str | None:
-        calls = self.tracer.calls.get(name, 0)
-        if calls > 1:
-            return f"is shared: called {calls} times in one forward"
         if name in self.tied:
             return self.tied[name]
         if name in self.tracer.misuse:
@@ -122,6 +121,22 @@ class _Assembler:
             problem = self.module_problem(record.module)
             if problem:
                 self.block_codes(record.codes, f"read by '{record.module}', which {problem}")
+        self.apply_shared_reads()
+
+    def apply_shared_reads(self) -> None:
+        """A module called more than once (weight sharing: a siamese encoder, a layer applied
+        in a loop) is one set of weights: the units it reads at a dimension can be removed
+        only when every call reads the same units there."""
+        for (name, _), reads in self.tracer.reads.items():
+            first = reads[0]
+            if all(_same(first, other) for other in reads[1:]):
+                continue
+            calls = self.tracer.calls.get(name, len(reads))
+            reason = (f"read by '{name}', which is called {calls} times and does not read "
+                      "the same units on every call")
+            for codes in reads:
+                if codes is not None:
+                    self.block_codes(codes, reason)
 
     def apply_couplings(self) -> None:
         for a, b, where, op in self.tracer.couplings:
@@ -290,6 +305,12 @@ def _positions(
     if not found:
         return None
     return tuple(tuple(sorted(p)) for p in per_unit)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and torch.equal(a, b)
 
 
 def _tied_modules(model: nn.Module) -> dict[str, str]:

@@ -65,9 +65,12 @@ class Tracer(TorchFunctionMode):
         self.module_groups: dict[str, list[GroupInfo]] = {}
         self.next_code = 1
         self.members: list[MemberRecord] = []
+        self.recorded: dict[tuple[str, str], MemberRecord] = {}  # the last per (module, role)
         self.blocks: list[tuple[torch.Tensor, str]] = []
         self.couplings: list[tuple[torch.Tensor, torch.Tensor, str, str]] = []
         self.calls: Counter[str] = Counter()
+        # (module, role) -> what each call read there: unit codes, or None (no units)
+        self.reads: dict[tuple[str, str], list[torch.Tensor | None]] = {}
         self.misuse: dict[str, str] = {}
         self.explicit_states: set[str] = set()
         self.stack: list[str] = []
@@ -114,12 +117,18 @@ class Tracer(TorchFunctionMode):
     def consume(
         self, name: str, kind: str, role: str, size: int, attr: str, x: torch.Tensor, axis: int
     ) -> None:
-        """Module ``name`` reads ``x`` along ``axis`` as its ``role`` dimension."""
+        """Module ``name`` reads ``x`` along ``axis`` as its ``role`` dimension (once per call:
+        a module called again reading the same units adds no second record)."""
         label = self.label(x)
+        reads = self.reads.setdefault((name, role), [])
+        reads.append(None if label is None else codes_of(label))
         if label is None:
             return
         if isinstance(label, AxisLabel) and label.axis == axis and label.codes.numel() == size:
-            self.members.append(MemberRecord(name, kind, role, size, attr, label.codes))
+            if not self.is_recorded(name, role, label):
+                record = MemberRecord(name, kind, role, size, attr, label.codes)
+                self.members.append(record)
+                self.recorded[(name, role)] = record
         else:
             self.block_codes(
                 codes_of(label), f"'{name}' reads the units along an axis that is not its {attr}"
@@ -127,10 +136,8 @@ class Tracer(TorchFunctionMode):
 
     def is_recorded(self, name: str, role: str, label: AxisLabel) -> bool:
         """Whether the last record of ``name``/``role`` holds exactly ``label``'s codes."""
-        for record in reversed(self.members):
-            if record.module == name and record.role == role:
-                return torch.equal(record.codes, label.codes)
-        return False
+        record = self.recorded.get((name, role))
+        return record is not None and torch.equal(record.codes, label.codes)
 
     def _allocate(
         self,
