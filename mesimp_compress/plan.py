@@ -3,7 +3,7 @@
 A plan is plain data and serialises to JSON, so it replays on a freshly built model without
 tracing it again. ``kept[key]`` is the sorted list of unit indices a layer key keeps;
 ``edits`` lists, per module dimension, the indices kept along it (``role`` says which
-dimension: ``"out"`` rows of a Linear/Conv2d, ``"in"`` its input columns, ``"features"`` of a
+dimension: ``"out"`` rows of a Linear/Conv, ``"in"`` its input columns, ``"features"`` of a
 BatchNorm, ``"hidden:l0"`` ... of an LSTM) and the shape attribute that records its length.
 """
 
@@ -88,7 +88,7 @@ class Plan:
             _check_indices(edit.kept, edit.size, where)
             if edit.role == "out" and edit.module in self.kept and (
                 list(edit.kept) != list(self.kept[edit.module])
-            ):  # a Linear/Conv2d key is its module: its own rows must be the kept units
+            ):  # a Linear/Conv key is its module: its own rows must be the kept units
                 raise PlanError(
                     f"{where} keeps {list(edit.kept)[:8]}... but the plan keeps "
                     f"{list(self.kept[edit.module])[:8]}... of layer key '{edit.module}'"

@@ -53,6 +53,25 @@ class ConvNet(nn.Module):
         return self.out(F.relu(self.fc(self.flatten(x))))
 
 
+class TextCNN(nn.Module):
+    """Embedding -> Conv1d -> BatchNorm1d -> ReLU -> Conv1d -> ReLU -> pool -> Flatten -> MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.conv1 = nn.Conv1d(6, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(8)
+        self.conv2 = nn.Conv1d(8, 7, 3)
+        self.fc = nn.Linear(7 * 3, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, tokens):
+        x = self.emb(tokens).transpose(1, 2)  # (batch, channels, length)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool1d(F.relu(self.conv2(x)), 2)
+        return self.out(F.relu(self.fc(x.flatten(1))))
+
+
 class ResidualMLP(nn.Module):
     """A residual stream written by ``stem`` and ``block2`` and read by ``block1`` and ``head``."""
 
@@ -187,7 +206,7 @@ class Case:
         torch.manual_seed(seed)
         model = self.factory()
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.data.uniform_(0.5, 1.5)
@@ -216,6 +235,7 @@ CASES = [
     ),
     Case("custom_mlp", CustomMLP, lambda: torch.randn(4, 6), ("fc1", "fc2")),
     Case("convnet", ConvNet, lambda: torch.randn(2, 3, 6, 6), ("conv1", "conv2", "fc")),
+    Case("text_cnn", TextCNN, lambda: torch.randint(0, 20, (3, 8)), ("conv1", "conv2", "fc")),
     Case(
         "residual",
         ResidualMLP,

@@ -25,7 +25,7 @@ from .shrink import followed
 from .structure import ROLE_OUT, Group, Member, Skipped, Structure, hidden_role
 from .trace import GroupInfo, MemberRecord, Tracer
 
-_OUT_ATTR = {"Linear": "out_features", "Conv2d": "out_channels"}
+_OUT_ATTR = {"Linear": "out_features", "Conv1d": "out_channels", "Conv2d": "out_channels"}
 OUTPUT_REASON = "its units reach the model output (the output layer is never pruned)"
 # elementwise products: units meeting in one are a gate (one group), not a residual stream
 GATES = frozenset({"mul", "rmul", "imul", "mul_"})

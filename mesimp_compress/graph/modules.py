@@ -1,9 +1,9 @@
 """How units enter, leave and pass through the layer modules the tracer treats as atomic.
 
-Linear and Conv2d layers produce units (their output features / channels) and consume them
-(their input features / channels); BatchNorm passes units through, one feature per unit;
-nn.LSTM consumes input features and produces hidden units, one group per layer and direction.
-Each module kind is one small rule class; a new kind is one class and one registry line.
+Linear, Conv1d and Conv2d layers produce units (their output features / channels) and
+consume them (their input features / channels); BatchNorm passes units through, one feature
+per unit; nn.LSTM consumes input features and produces hidden units, one group per layer and
+direction. Each module kind is one small rule class; a new kind is one class and one registry line.
 """
 
 from __future__ import annotations
@@ -73,13 +73,19 @@ class LinearRule(ModuleRule):
             tracer.produce(name, self, module.out_features, output, output.dim() - 1, module)
 
 
-class Conv2dRule(ModuleRule):
-    kind = "Conv2d"
+class ConvRule(ModuleRule):
+    """Conv1d / Conv2d: channels along axis 1 of a batched input, axis 0 of an unbatched one."""
+
+    def __init__(self, kind: str, spatial: int) -> None:
+        self.kind, self.spatial = kind, spatial
 
     def producer_problem(self, module: nn.Module) -> str | None:
         if module.groups != 1:
             return f"grouped convolution (groups={module.groups}) is not supported"
         return _odd_parameters(module, {"weight", "bias"})
+
+    def channel_axis(self, t: torch.Tensor) -> int:
+        return 1 if t.dim() == self.spatial + 2 else 0
 
     def before(self, tracer, name, module, args, kwargs):
         x = _first_input(args, kwargs)
@@ -88,13 +94,13 @@ class Conv2dRule(ModuleRule):
         if module.groups != 1:
             tracer.block_tensors([x], f"consumed by grouped convolution '{name}'")
             return
-        axis = 1 if x.dim() == 4 else 0
-        tracer.consume(name, self.kind, ROLE_IN, module.in_channels, "in_channels", x, axis)
+        tracer.consume(name, self.kind, ROLE_IN, module.in_channels, "in_channels", x,
+                       self.channel_axis(x))
 
     def after(self, tracer, name, module, args, kwargs, output):
         if isinstance(output, torch.Tensor):
-            axis = 1 if output.dim() == 4 else 0
-            tracer.produce(name, self, module.out_channels, output, axis, module)
+            tracer.produce(name, self, module.out_channels, output, self.channel_axis(output),
+                           module)
 
 
 class BatchNormRule(ModuleRule):
@@ -155,14 +161,15 @@ class LSTMRule(ModuleRule):
 
 _RULES: list[tuple[type[nn.Module], ModuleRule]] = [
     (nn.Linear, LinearRule()),
-    (nn.Conv2d, Conv2dRule()),
+    (nn.Conv1d, ConvRule("Conv1d", 1)),
+    (nn.Conv2d, ConvRule("Conv2d", 2)),
     (nn.BatchNorm1d, BatchNormRule()),
     (nn.BatchNorm2d, BatchNormRule()),
     (nn.LSTM, LSTMRule()),
 ]
-PRODUCER_KINDS = (nn.Linear, nn.Conv2d, nn.LSTM)
+PRODUCER_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM)
 # Layers with units of their own that this toolkit does not prune (reported, not traced into).
-UNSUPPORTED_KINDS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.GRU, nn.RNN)
+UNSUPPORTED_KINDS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.GRU, nn.RNN)
 # The same, for classes of optional libraries, matched by (module prefix, class name) so that
 # the library is never imported here: Hugging Face's Conv1D (GPT-2's MLP) is a transposed Linear.
 UNSUPPORTED_NAMED = (("transformers.", "Conv1D"),)
@@ -189,7 +196,7 @@ def rule_for(module: nn.Module) -> ModuleRule | None:
 
 def type_name(module: nn.Module) -> str:
     """The base layer kind of ``module`` (``"Linear"`` for any nn.Linear subclass, ...)."""
-    for kind in (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LSTM):
+    for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LSTM):
         if isinstance(module, kind):
             return kind.__name__
     return type(module).__name__

@@ -3,8 +3,8 @@
 Wrapping converts each chosen module in place (its class becomes the meProp subclass), so
 the module objects, their Parameters, hooks and state_dict keys stay the same and an
 optimizer built before keeps working; :func:`remove_meprop` restores the original classes.
-Eligible modules are exactly ``nn.Linear``, ``nn.Conv2d`` and ``nn.LSTM`` (``proj_size=0``);
-subclasses are left alone because their ``forward`` may differ.
+Eligible modules are exactly ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.LSTM``
+(``proj_size=0``); subclasses are left alone because their ``forward`` may differ.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedStructureError
-from .conv import MePropConv2d
+from .conv import MePropConv1d, MePropConv2d
 from .linear import MePropLinear
 from .lstm import MePropLSTM
 from .settings import check_mode, resolve_k
 
 WRAPPERS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: MePropLinear,
+    nn.Conv1d: MePropConv1d,
     nn.Conv2d: MePropConv2d,
     nn.LSTM: MePropLSTM,
 }
@@ -135,6 +136,7 @@ def _no_match(pattern: str, modules: dict[str, nn.Module], candidates: list[str]
         kinds = sorted({type(modules[n]).__name__ for n in named})
         return (
             f"include pattern '{pattern}' matches {named[:5]} ({', '.join(kinds)}), which meProp "
-            "cannot wrap: only nn.Linear, nn.Conv2d and nn.LSTM (proj_size=0) are eligible"
+            "cannot wrap: only nn.Linear, nn.Conv1d, nn.Conv2d and nn.LSTM (proj_size=0) are "
+            "eligible"
         )
     return f"include pattern '{pattern}' matches no eligible module; eligible: {candidates[:20]}"

@@ -19,7 +19,7 @@ replacements, measured on the data seen in the window:
 (``covariance=True`` for ``linear``); pass it to ``apply_plan(..., compensation=means)``.
 
 Where it is exact in expectation: Linear consumers (also after Conv→Flatten, where each input
-feature is one channel at one position) and the input of an nn.LSTM. Conv2d consumers use
+feature is one channel at one position) and the input of an nn.LSTM. Conv1d/Conv2d consumers use
 per-channel means: exact away from zero-padded borders, approximate on them. Not done: the
 recurrent and inter-layer inputs of removed LSTM hidden units (not observable from outside
 nn.LSTM), and consumers without a bias.
@@ -37,7 +37,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import ConfigError
 
-_KINDS = (nn.Linear, nn.Conv2d, nn.LSTM)
+# the consumer kinds whose inputs are measured
+MEASURED_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM)
 RIDGE = 1e-3  # of the mean variance of the kept inputs: keeps the solve well posed
 FIT_ROWS = 2  # linear needs this many measured rows per kept input, else mean is used
 GRAM_ROWS = 1024  # second moments from at most this many rows (strided) of a batch
@@ -60,8 +61,9 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
     """Running mean (and, with ``covariance``, second moments) of the input features of
     consumer layers, keyed by module name.
 
-    Measures every nn.Linear, nn.Conv2d and nn.LSTM of ``model`` (or only ``names``). Means
-    are per input feature for Linear and LSTM, per input channel for Conv2d (its covariance
+    Measures every nn.Linear, nn.Conv1d, nn.Conv2d and nn.LSTM of ``model`` (or only
+    ``names``). Means are per input feature for Linear and LSTM, per input channel for a
+    convolution (its covariance
     is across channels, over every position). A module whose input width changes (after
     surgery) starts afresh. Use as a context manager, or call :meth:`close` to remove the
     hooks. :meth:`substitute` gives what replaces removed inputs.
@@ -72,16 +74,16 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
     ) -> None:
         modules = dict(model.named_modules())
         if names is None:
-            chosen = [n for n, m in modules.items() if isinstance(m, _KINDS)]
+            chosen = [n for n, m in modules.items() if isinstance(m, MEASURED_KINDS)]
         else:
             chosen = list(names)
             for name in chosen:
                 if name not in modules:
                     raise ConfigError(f"no module named '{name}' to measure")
-                if not isinstance(modules[name], _KINDS):
+                if not isinstance(modules[name], MEASURED_KINDS):
                     raise ConfigError(
                         f"'{name}' is a {type(modules[name]).__name__}; "
-                        "expected Linear, Conv2d or LSTM"
+                        "expected Linear, Conv1d, Conv2d or LSTM"
                     )
         self.enabled = True  # set False to pause recording (e.g. around evaluation)
         self.covariance = covariance
@@ -106,8 +108,8 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
                 return
             with torch.no_grad():
                 x = x.detach()
-                if isinstance(module, nn.Conv2d):
-                    x = x.movedim(1 if x.dim() == 4 else 0, -1)
+                if isinstance(module, (nn.Conv1d, nn.Conv2d)):  # batched: (n, c, *positions)
+                    x = x.movedim(1 if x.dim() == module.weight.dim() else 0, -1)
                 rows = x.reshape(-1, x.shape[-1])
                 flat = rows.to(torch.float64)
                 total = flat.sum(dim=0)

@@ -152,10 +152,10 @@ class LinearPruner(_RowsColumnsPruner):
 
 
 @register_pruner
-class Conv2dPruner(_RowsColumnsPruner):
-    """nn.Conv2d (groups=1): ``out`` = output channels, ``in`` = input channels."""
+class ConvPruner(_RowsColumnsPruner):
+    """nn.Conv1d / nn.Conv2d (groups=1): ``out`` = output channels, ``in`` = input channels."""
 
-    kinds = (nn.Conv2d,)
+    kinds = (nn.Conv1d, nn.Conv2d)
 
     def sizes(self, module):
         return {ROLE_OUT: module.out_channels, ROLE_IN: module.in_channels}
