@@ -472,3 +472,48 @@ def test_a_siamese_encoder_called_twice_a_step_is_compressed_end_to_end(tmp_path
     a, b = eval_data[0][0]
     with torch.no_grad():
         assert torch.equal(rebuilt(a, b), result.model.eval()(a, b))
+
+
+class _Audio(torch.nn.Module):
+    """Conv1d -> BatchNorm1d -> Conv1d -> mean over time -> Linear, on any length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv1d(3, 32, 5, padding=2)
+        self.bn = torch.nn.BatchNorm1d(32)
+        self.c2 = torch.nn.Conv1d(32, 24, 3, padding=1)
+        self.out = torch.nn.Linear(24, _tiny.CLASSES)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.bn(self.c1(x)))))
+        return self.out(h.mean(-1))
+
+
+def _audio(n: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n):
+        x = torch.randn(16, 3, 10 + 3 * (i % 4), generator=g)
+        batches.append((x, (x[:, 0].mean(-1) > 0).long() + 2 * (x[:, 1].mean(-1) > 0).long()))
+    return batches
+
+
+def test_a_conv1d_model_over_varying_lengths_is_compressed_end_to_end(tmp_path) -> None:
+    import onnxruntime as ort
+
+    result = mc.compress(_Audio(), _audio(16, 1), _audio(4, 2), config=CFG.replace(epochs=2),
+                         out=tmp_path / "out")
+    assert result.widths["c1"] < 32 and result.widths["c2"] < 24
+    report = read_report(tmp_path / "out" / "report.json")
+    assert report["status"] == "ok"
+    assert {layer["name"]: layer["size_status"] for layer in report["layers"]}["bn"] == "folded"
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    x = torch.randn(2, 3, 23)  # a length no batch had
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), result.model.eval()(x),
+                                   rtol=1e-4, atol=1e-5)
+    rebuilt = mc.load(_Audio(), tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result.model(x))
