@@ -156,6 +156,7 @@ def unit_width(module: nn.Module) -> int | None:
     for attr in (
         "out_features",
         "out_channels",
+        "nf",  # Hugging Face's Conv1D
         "hidden_size",
         "num_features",
         "embedding_dim",

@@ -27,7 +27,7 @@ from .graph.build import OUTPUT_REASON
 from .meprop.apply import output_layer_of
 from .plan import Plan, make_plan
 from .surgery import ActivationMeans, apply_plan
-from .surgery.compensation import MEASURED_KINDS
+from .surgery.compensation import measured
 
 
 def _output_layer(model: nn.Module, structure: Structure) -> str | None:
@@ -268,7 +268,7 @@ class Simplifier:
         names = {
             m.module for g in self.structure.groups.values() for m in g.members if m.role == ROLE_IN
         }
-        return sorted(n for n in names if isinstance(modules.get(n), MEASURED_KINDS))
+        return sorted(n for n in names if measured(modules.get(n)))
 
 
 def _strip_means_hooks(model: nn.Module) -> None:

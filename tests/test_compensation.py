@@ -96,6 +96,32 @@ def test_linearly_dependent_removed_units_are_compensated_exactly() -> None:
     assert errors[True] < 1e-3
 
 
+def test_hf_conv1d_consumers_are_compensated_as_the_equivalent_linear() -> None:
+    """GPT-2's Conv1D stores its weight transposed: the fold must land in the same places."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    hf = nn.Sequential(conv1d(6, 4), nn.ReLU(), conv1d(5, 6), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        for i in (0, 2):
+            hf[i].weight.copy_(linear[i].weight.t())
+            hf[i].bias.copy_(linear[i].bias)
+        hf[4].load_state_dict(linear[4].state_dict())
+    x = torch.randn(256, 4) + 0.5
+    kept = {"0": [0, 2, 3], "2": [1, 4]}
+    outputs = {}
+    for name, model in (("linear", linear), ("hf", hf)):
+        with ActivationMeans(model, covariance=True) as stats, torch.no_grad():
+            model(x)
+        structure = find_groups(model, x)
+        assert set(structure.groups) == {"0", "2"}
+        report = apply_plan(model, make_plan(structure, kept), compensation=stats)
+        assert report.compensated == ["2", "4"]
+        outputs[name] = model(x).detach()
+    assert (hf[0].nf, hf[2].nx, hf[2].nf, tuple(hf[2].weight.shape)) == (3, 3, 2, (3, 2))
+    torch.testing.assert_close(outputs["hf"], outputs["linear"], atol=1e-5, rtol=1e-5)
+
+
 def test_substitute_is_the_least_squares_prediction() -> None:
     torch.manual_seed(1)
     layer = nn.Linear(5, 2)

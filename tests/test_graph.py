@@ -463,20 +463,31 @@ def test_couplings_that_cannot_be_rebuilt_are_refused() -> None:
     assert set(structure.groups) == {"mixer", "reader"}
 
 
-def test_hugging_face_conv1d_is_reported_by_name() -> None:
+def test_hugging_face_conv1d_units_are_followed_as_a_transposed_linear() -> None:
     pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 
     class GPT2Mlp(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.c_fc = pytorch_utils.Conv1D(12, 4)  # (out, in): a transposed Linear
-            self.c_proj = pytorch_utils.Conv1D(4, 12)
-            self.head = nn.Linear(4, 2)
+            self.c_proj = pytorch_utils.Conv1D(6, 12)
+            self.head = nn.Linear(6, 2)
 
         def forward(self, x):
             return self.head(self.c_proj(torch.relu(self.c_fc(x))))
 
-    structure = find_groups(GPT2Mlp(), torch.randn(3, 4))
-    assert structure.reason("c_fc") == "layer kind Conv1D is not supported"
-    assert structure.reason("c_proj") == "layer kind Conv1D is not supported"
-    assert structure.groups == {}
+    torch.manual_seed(0)
+    model = GPT2Mlp().eval()
+    x = torch.randn(3, 5, 4)
+    structure = find_groups(model, x)
+    assert {k: g.width for k, g in structure.groups.items()} == {"c_fc": 12, "c_proj": 6}
+    assert [(m.module, m.role, m.attr) for m in structure.groups["c_fc"].members] == [
+        ("c_fc", "out", "nf"), ("c_proj", "in", "nx")]
+    plan = make_plan(structure, {"c_fc": [0, 5, 7, 11], "c_proj": [1, 2, 4]})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    assert (model.c_fc.nf, model.c_proj.nx, model.c_proj.nf, model.head.in_features) == (4, 4, 3, 3)
+    assert tuple(model.c_fc.weight.shape) == (4, 4) and tuple(model.c_proj.weight.shape) == (4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-6)

@@ -30,6 +30,9 @@ def _families():
             vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16),
             "intermediate_size"),
+        "gpt2": (t.GPT2Model, t.GPT2Config(  # Hugging Face's Conv1D layers
+            vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_inner=48, n_positions=16,
+            bos_token_id=0, eos_token_id=0), "n_inner"),
         # one FFN shared by every layer (called 3 times), and BERT's FFN run chunk by chunk
         "albert": (t.AlbertModel, t.AlbertConfig(
             vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=3,
@@ -42,7 +45,8 @@ def _families():
     }
 
 
-@pytest.mark.parametrize("family", ["distilbert", "t5", "opt", "llama", "albert", "bert-chunked"])
+@pytest.mark.parametrize("family", ["distilbert", "t5", "opt", "llama", "gpt2", "albert",
+                                    "bert-chunked"])
 def test_the_ffn_width_field_follows_and_from_pretrained_rebuilds(family, tmp_path):
     cls, config, field = _families()[family]
     torch.manual_seed(0)

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import PRODUCER_KINDS, unsupported
+from .modules import producer, unsupported
 from .shrink import followed
 from .structure import ROLE_OUT, Group, Member, Skipped, Structure, hidden_role
 from .trace import GroupInfo, MemberRecord, Tracer
 
-_OUT_ATTR = {"Linear": "out_features", "Conv1d": "out_channels", "Conv2d": "out_channels"}
+_OUT_ATTR = {"Linear": "out_features", "Conv1d": "out_channels", "Conv2d": "out_channels",
+             "Conv1D": "nf"}
 OUTPUT_REASON = "its units reach the model output (the output layer is never pruned)"
 # elementwise products: units meeting in one are a gate (one group), not a residual stream
 GATES = frozenset({"mul", "rmul", "imul", "mul_"})
@@ -271,7 +272,7 @@ class _Assembler:
                 for gid in by_module[name]:
                     if self.reasons[gid]:
                         entries.append(Skipped(self.infos[gid].key, "; ".join(self.reasons[gid])))
-            elif isinstance(module, PRODUCER_KINDS):
+            elif producer(module):
                 if isinstance(parents.get(id(module)), nn.MultiheadAttention):
                     reason = (
                         "attention projection inside nn.MultiheadAttention: not a prunable unit"

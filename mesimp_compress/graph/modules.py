@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
+from ..hfconv1d import is_conv1d, widths
 from .labels import AxisLabel, ProbeLabel
 from .structure import ROLE_FEATURES, ROLE_IN
 
@@ -71,6 +72,24 @@ class LinearRule(ModuleRule):
     def after(self, tracer, name, module, args, kwargs, output):
         if isinstance(output, torch.Tensor):
             tracer.produce(name, self, module.out_features, output, output.dim() - 1, module)
+
+
+class HFConv1DRule(ModuleRule):
+    """Hugging Face's Conv1D: a Linear over the last axis, weight stored (nx, nf)."""
+
+    kind = "Conv1D"
+
+    def producer_problem(self, module: nn.Module) -> str | None:
+        return _odd_parameters(module, {"weight", "bias"})
+
+    def before(self, tracer, name, module, args, kwargs):
+        x = _first_input(args, kwargs)
+        if isinstance(x, torch.Tensor):
+            tracer.consume(name, self.kind, ROLE_IN, widths(module)[0], "nx", x, x.dim() - 1)
+
+    def after(self, tracer, name, module, args, kwargs, output):
+        if isinstance(output, torch.Tensor):
+            tracer.produce(name, self, widths(module)[1], output, output.dim() - 1, module)
 
 
 class ConvRule(ModuleRule):
@@ -167,23 +186,20 @@ _RULES: list[tuple[type[nn.Module], ModuleRule]] = [
     (nn.BatchNorm2d, BatchNormRule()),
     (nn.LSTM, LSTMRule()),
 ]
+_HF_CONV1D = HFConv1DRule()  # matched by name (transformers is never imported here)
 PRODUCER_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM)
 # Layers with units of their own that this toolkit does not prune (reported, not traced into).
 UNSUPPORTED_KINDS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.GRU, nn.RNN)
-# The same, for classes of optional libraries, matched by (module prefix, class name) so that
-# the library is never imported here: Hugging Face's Conv1D (GPT-2's MLP) is a transposed Linear.
-UNSUPPORTED_NAMED = (("transformers.", "Conv1D"),)
+
+
+def producer(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer kind whose units this toolkit prunes."""
+    return isinstance(module, PRODUCER_KINDS) or is_conv1d(module)
 
 
 def unsupported(module: nn.Module) -> bool:
     """Whether ``module`` has units of its own that this toolkit does not prune."""
-    if isinstance(module, UNSUPPORTED_KINDS):
-        return True
-    kind = type(module)
-    return any(
-        kind.__module__.startswith(prefix) and kind.__name__ == name
-        for prefix, name in UNSUPPORTED_NAMED
-    )
+    return isinstance(module, UNSUPPORTED_KINDS)
 
 
 def rule_for(module: nn.Module) -> ModuleRule | None:
@@ -191,7 +207,7 @@ def rule_for(module: nn.Module) -> ModuleRule | None:
     for kind, rule in _RULES:
         if isinstance(module, kind):
             return rule
-    return None
+    return _HF_CONV1D if is_conv1d(module) else None
 
 
 def type_name(module: nn.Module) -> str:
@@ -199,4 +215,4 @@ def type_name(module: nn.Module) -> str:
     for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LSTM):
         if isinstance(module, kind):
             return kind.__name__
-    return type(module).__name__
+    return _HF_CONV1D.kind if is_conv1d(module) else type(module).__name__

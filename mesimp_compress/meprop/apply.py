@@ -3,8 +3,9 @@
 Wrapping converts each chosen module in place (its class becomes the meProp subclass), so
 the module objects, their Parameters, hooks and state_dict keys stay the same and an
 optimizer built before keeps working; :func:`remove_meprop` restores the original classes.
-Eligible modules are exactly ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.LSTM``
-(``proj_size=0``); subclasses are left alone because their ``forward`` may differ.
+Eligible modules are exactly ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.LSTM``
+(``proj_size=0``) and Hugging Face's ``Conv1D``; subclasses are left alone because their
+``forward`` may differ.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedStructureError
+from ..hfconv1d import is_conv1d, is_exactly_conv1d
 from .conv import MePropConv1d, MePropConv2d
+from .hfconv import MePropHFConv1D
 from .linear import MePropLinear
 from .lstm import MePropLSTM
 from .settings import check_mode, resolve_k
@@ -27,11 +30,13 @@ WRAPPERS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: MePropConv2d,
     nn.LSTM: MePropLSTM,
 }
-WRAPPED = tuple(WRAPPERS.values())
+WRAPPED = (*WRAPPERS.values(), MePropHFConv1D)
 
 
 def eligible(module: nn.Module) -> bool:
     """Whether meProp can wrap ``module``."""
+    if is_exactly_conv1d(module):
+        return True
     if type(module) not in WRAPPERS:
         return False
     return not (isinstance(module, nn.LSTM) and module.proj_size > 0)
@@ -91,8 +96,8 @@ def apply_meprop(
         resolve_k(k, _width(modules[name]), name)
     for name in chosen:
         module = modules[name]
-        WRAPPERS[type(module)].wrap(module, k, mode=mode, sparse_bias=sparse_bias, key=name,
-                                    tracker=tracker)
+        wrapper = WRAPPERS.get(type(module), MePropHFConv1D)
+        wrapper.wrap(module, k, mode=mode, sparse_bias=sparse_bias, key=name, tracker=tracker)
     return chosen
 
 
@@ -118,7 +123,9 @@ def wrapped_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _width(module: nn.Module) -> int:
-    return module.hidden_size if isinstance(module, nn.LSTM) else module.weight.shape[0]
+    if isinstance(module, nn.LSTM):
+        return module.hidden_size
+    return module.weight.shape[1 if is_conv1d(module) else 0]
 
 
 def _patterns(value: Sequence[str] | str | None, what: str) -> list[str] | None:
@@ -136,7 +143,7 @@ def _no_match(pattern: str, modules: dict[str, nn.Module], candidates: list[str]
         kinds = sorted({type(modules[n]).__name__ for n in named})
         return (
             f"include pattern '{pattern}' matches {named[:5]} ({', '.join(kinds)}), which meProp "
-            "cannot wrap: only nn.Linear, nn.Conv1d, nn.Conv2d and nn.LSTM (proj_size=0) are "
-            "eligible"
+            "cannot wrap: only nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM (proj_size=0) and "
+            "Hugging Face's Conv1D are eligible"
         )
     return f"include pattern '{pattern}' matches no eligible module; eligible: {candidates[:20]}"

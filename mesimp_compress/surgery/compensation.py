@@ -36,9 +36,15 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import ConfigError
+from ..hfconv1d import is_conv1d
 
-# the consumer kinds whose inputs are measured
-MEASURED_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM)
+_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM)
+
+
+def measured(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a consumer kind whose input features are measured (Linear,
+    Conv1d/2d, LSTM, Hugging Face's Conv1D)."""
+    return isinstance(module, _KINDS) or (module is not None and is_conv1d(module))
 RIDGE = 1e-3  # of the mean variance of the kept inputs: keeps the solve well posed
 FIT_ROWS = 2  # linear needs this many measured rows per kept input, else mean is used
 GRAM_ROWS = 1024  # second moments from at most this many rows (strided) of a batch
@@ -74,16 +80,16 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
     ) -> None:
         modules = dict(model.named_modules())
         if names is None:
-            chosen = [n for n, m in modules.items() if isinstance(m, MEASURED_KINDS)]
+            chosen = [n for n, m in modules.items() if measured(m)]
         else:
             chosen = list(names)
             for name in chosen:
                 if name not in modules:
                     raise ConfigError(f"no module named '{name}' to measure")
-                if not isinstance(modules[name], MEASURED_KINDS):
+                if not measured(modules[name]):
                     raise ConfigError(
                         f"'{name}' is a {type(modules[name]).__name__}; "
-                        "expected Linear, Conv1d, Conv2d or LSTM"
+                        "expected Linear, Conv1d, Conv2d, LSTM or Hugging Face's Conv1D"
                     )
         self.enabled = True  # set False to pause recording (e.g. around evaluation)
         self.covariance = covariance

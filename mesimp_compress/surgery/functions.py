@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from ..graph import ROLE_FEATURES, ROLE_IN, ROLE_OUT
+from ..hfconv1d import is_conv1d, widths
 
 if TYPE_CHECKING:
     from .compensation import Substitute
@@ -94,7 +95,7 @@ def pruner_for(module: nn.Module) -> ModulePruner | None:
     for cls in type(module).__mro__:
         if cls in _PRUNERS:
             return _PRUNERS[cls]
-    return None
+    return _HF_CONV1D if is_conv1d(module) else None
 
 
 def fold_inputs(
@@ -179,6 +180,43 @@ class ConvPruner(_RowsColumnsPruner):
             module.out_channels = len(kept[ROLE_OUT])
         if ROLE_IN in kept:
             module.in_channels = len(kept[ROLE_IN])
+
+
+class HFConv1DPruner(ModulePruner):
+    """Hugging Face's Conv1D, weight (nx, nf): ``out`` = columns of weight and the bias,
+    ``in`` = rows of weight (found by class name: see :mod:`mesimp_compress.hfconv1d`)."""
+
+    def sizes(self, module):
+        nx, nf = widths(module)
+        return {ROLE_OUT: nf, ROLE_IN: nx}
+
+    def slices(self, module, kept):
+        out = []
+        if ROLE_OUT in kept:
+            out += [Slice("weight", 1, kept[ROLE_OUT]), Slice("bias", 0, kept[ROLE_OUT])]
+        if ROLE_IN in kept:
+            out.append(Slice("weight", 0, kept[ROLE_IN]))
+        return out
+
+    def reads(self, module, role, removed):
+        return [Slice("weight", 0, removed)] if role == ROLE_IN else []
+
+    def fold(self, module, role, sub):
+        if role != ROLE_IN:
+            return super().fold(module, role, sub)
+        deltas = fold_inputs(module.weight.t(), "bias", "weight", sub)
+        if "weight" in deltas:
+            deltas["weight"] = deltas["weight"].t()
+        return deltas
+
+    def resize(self, module, kept):
+        if ROLE_OUT in kept:
+            module.nf = len(kept[ROLE_OUT])
+        if ROLE_IN in kept:
+            module.nx = len(kept[ROLE_IN])
+
+
+_HF_CONV1D = HFConv1DPruner()
 
 
 @register_pruner

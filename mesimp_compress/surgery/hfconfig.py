@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from ..hfconv1d import is_conv1d
+from ..hfconv1d import widths as conv1d_widths
 from ..plan import Plan
 
 # config fields holding the one FFN width of a model family (BERT/RoBERTa/ViT/Llama...,
@@ -34,8 +36,8 @@ def update_configs(model: nn.Module, plan: Plan) -> list[str]:
     configs = _configs(model)
     if not configs:
         return []
-    widths = {name: m.out_features for name, m in model.named_modules()
-              if isinstance(m, nn.Linear)}
+    widths = {name: m.out_features if isinstance(m, nn.Linear) else conv1d_widths(m)[1]
+              for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
     shrunk = [e for e in plan.edits if e.role == "out" and e.width != e.size]
     sized: set[str] = set()
     notes: list[str] = []
