@@ -288,6 +288,25 @@ def test_a_block_applied_in_a_loop_prunes_its_hidden_units() -> None:
         torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-6)
 
 
+class FlippedRead(nn.Module):
+    """'s' reads the encoder's units in order on one call and reversed on the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.s, self.head = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(10, 2)
+
+    def forward(self, a, b):
+        return self.head(torch.cat([self.s(F.relu(self.enc(a))),
+                                    self.s(F.relu(self.enc(b)).flip(-1))], -1))
+
+
+def test_a_module_reading_the_same_units_in_another_order_leaves_them_alone() -> None:
+    structure = find_groups(FlippedRead(), (torch.randn(3, 4), torch.randn(3, 4)))
+    assert "'s', which is called 2 times and does not read the same units" in (
+        structure.reason("enc"))
+    assert set(structure.groups) == {"s"}
+
+
 def test_a_module_reading_two_producers_leaves_both_alone() -> None:
     structure = find_groups(SharedHead(), torch.randn(3, 4))
     assert set(structure.groups) == set()

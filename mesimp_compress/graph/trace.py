@@ -69,7 +69,8 @@ class Tracer(TorchFunctionMode):
         self.blocks: list[tuple[torch.Tensor, str]] = []
         self.couplings: list[tuple[torch.Tensor, torch.Tensor, str, str]] = []
         self.calls: Counter[str] = Counter()
-        # (module, role) -> what each call read there: unit codes, or None (no units)
+        # (module, role) -> what each call read there: the codes along the axis read (in
+        # order), or None (no units)
         self.reads: dict[tuple[str, str], list[torch.Tensor | None]] = {}
         self.misuse: dict[str, str] = {}
         self.explicit_states: set[str] = set()
@@ -120,8 +121,9 @@ class Tracer(TorchFunctionMode):
         """Module ``name`` reads ``x`` along ``axis`` as its ``role`` dimension (once per call:
         a module called again reading the same units adds no second record)."""
         label = self.label(x)
-        reads = self.reads.setdefault((name, role), [])
-        reads.append(None if label is None else codes_of(label))
+        reads = self.reads.setdefault((name, role), [])  # in order: a flip reads other units
+        reads.append(None if label is None else
+                     label.codes if isinstance(label, AxisLabel) else codes_of(label))
         if label is None:
             return
         if isinstance(label, AxisLabel) and label.axis == axis and label.codes.numel() == size:
