@@ -400,3 +400,35 @@ def test_a_dynamo_file_holding_fewer_elements_of_a_layer_it_names_is_still_a_siz
     path = export_onnx(narrow, (torch.randn(2, 8),), tmp_path / "m.onnx").path
     with pytest.raises(SizeError, match=r"'fc' \(Linear\) 27 in PyTorch vs 18 in ONNX"):
         onnx_layer_sizes(path, wide)
+
+
+class _SiameseLSTM(nn.Module):
+    """One nn.LSTM run on two sequences: the exporter builds its W and R once per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 32, batch_first=True)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, a, b):
+        return self.head(torch.cat([self.lstm(a)[0][:, -1], self.lstm(b)[0][:, -1]], -1))
+
+
+def test_a_module_called_twice_and_stored_per_call_counts_once(tmp_path):
+    torch.manual_seed(0)
+    model = _SiameseLSTM().eval()
+    x = (torch.randn(2, 5, 6), torch.randn(2, 5, 6))
+    path = export_onnx(model, x, tmp_path / "m.onnx").path
+    lstm = _by_name(onnx_layer_sizes(path, model))["lstm"]
+    assert lstm.status == MATCH and lstm.onnx_params == lstm.params == 4 * 32 * (6 + 32 + 2)
+    assert sum(int(torch.tensor(s).prod()) for s in lstm.onnx_shapes.values()) > lstm.params
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))  # a second R that differs from the first is no repeat of it
+    big = [i for i in proto.graph.initializer if numpy_helper.to_array(i).size == 4 * 32 * 32]
+    assert len(big) == 2
+    big[1].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(big[1]) * 2, big[1].name))
+    onnx.save(proto, str(path))
+    with pytest.raises(SizeError, match="'lstm'"):
+        onnx_layer_sizes(path, model)
