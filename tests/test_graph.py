@@ -307,6 +307,36 @@ def test_a_module_reading_the_same_units_in_another_order_leaves_them_alone() ->
     assert set(structure.groups) == {"s"}
 
 
+class Aliased(nn.Module):
+    """One Linear registered twice (the ``[block] * 2`` idiom), one name per branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = nn.Linear(4, 6)
+        self.branches = nn.ModuleList([shared, shared])
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, a, b):
+        return self.head(F.relu(torch.cat([self.branches[0](a), self.branches[1](b)], -1)))
+
+
+def test_a_module_registered_under_two_names_is_shared_not_tied() -> None:
+    torch.manual_seed(0)
+    model = Aliased().eval()
+    x = (torch.randn(3, 4), torch.randn(3, 4))
+    structure = find_groups(model, x)
+    assert set(structure.groups) == {"branches.0"}
+    assert members(structure, "branches.0")[("head", "in")].positions == tuple(
+        (u, u + 6) for u in range(6))
+    plan = make_plan(structure, {"branches.0": [0, 3, 4]})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    assert model.branches[1].out_features == 3 and model.head.in_features == 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), masked(*x), rtol=1e-5, atol=1e-6)
+
+
 def test_a_module_reading_two_producers_leaves_both_alone() -> None:
     structure = find_groups(SharedHead(), torch.randn(3, 4))
     assert set(structure.groups) == set()

@@ -315,23 +315,21 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def _tied_modules(model: nn.Module) -> dict[str, str]:
-    """Modules holding a parameter that another module (or name) also holds."""
-    owners: dict[int, list[str]] = {}
+    """Modules holding a parameter that another module also holds. One module registered
+    under two names (``self.b = self.a``, ``nn.ModuleList([block] * 2)``) is one module
+    called twice, not a tie."""
+    holders: dict[int, dict[int, str]] = {}  # parameter -> module object -> one full name
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for p_name, p in module._parameters.items():
             if p is not None:
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
-                owners.setdefault(id(p), []).append(full)
+                holders.setdefault(id(p), {}).setdefault(id(module), full)
     tied: dict[str, str] = {}
-    names = {id(m): n for n, m in model.named_modules()}
-    for module in model.modules():
+    for mod_name, module in model.named_modules():
         for p_name, p in module._parameters.items():
             if p is None:
                 continue
-            holders = owners.get(id(p), [])
-            mod_name = names[id(module)]
-            own = f"{mod_name}.{p_name}" if mod_name else p_name
-            others = [h for h in holders if h != own]
+            others = [full for owner, full in holders[id(p)].items() if owner != id(module)]
             if others:
                 tied.setdefault(mod_name, f"has its parameter '{p_name}' tied to '{others[0]}'")
     return tied
