@@ -146,9 +146,11 @@ def export_onnx(
             # a guessed sequence axis the model does not have (fixed-length integer features,
             # a table of positions): keep the length fixed, only the batch dynamic
             job.axes = [{d: n for d, n in a.items() if n != SEQ} for a in axes]
-            emit(sink, "export_fallback", exporter=exporter,
-                 reason=f"the sequence axis is kept fixed ({error_line(exc)})")
+            fixed = f"the sequence axis is kept fixed ({error_line(exc)})"
+            emit(sink, "export_fallback", exporter=exporter, reason=fixed)
             result = _export_with_fallback(job, target, exporter, sink)
+            # the report says why the file takes one length only
+            result.fallback_reason = "; ".join(filter(None, (fixed, result.fallback_reason)))
     except BaseException:
         remove_empty(made)  # the folders made for a file that never came
         raise

@@ -270,6 +270,7 @@ def test_a_guessed_sequence_axis_the_model_lacks_is_kept_fixed(tmp_path, exporte
     fallback = [e.data["reason"] for e in events if e.kind == "export_fallback"]
     assert fallback and "the sequence axis is kept fixed" in fallback[0]
     assert "once its seq axis grew by one" in fallback[0] or exporter == "dynamo"
+    assert result.fallback_reason.startswith(fallback[0])  # and report.json says it
     with pytest.raises(ExportError):  # axes the caller names are never changed behind them
         export_onnx(FixedFeatures().eval(), (ids,), tmp_path / "g.onnx", exporter=exporter,
                     dynamic_axes=[{0: "batch", 1: "seq"}])
