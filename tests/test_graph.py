@@ -337,6 +337,45 @@ def test_a_module_registered_under_two_names_is_shared_not_tied() -> None:
         torch.testing.assert_close(model(*x), masked(*x), rtol=1e-5, atol=1e-6)
 
 
+class LoopedResidual(nn.Module):
+    """A block applied three times on a residual stream, the add written either way."""
+
+    def __init__(self, stream_first: bool) -> None:
+        super().__init__()
+        self.stream_first = stream_first
+        self.pre = nn.Linear(4, 6)
+        self.blk = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.pre(x)
+        for _ in range(3):
+            h = h + self.blk(h) if self.stream_first else self.blk(h) + h
+        return self.head(F.relu(h))
+
+
+@pytest.mark.parametrize("stream_first", [True, False], ids=["h+blk(h)", "blk(h)+h"])
+def test_a_looped_residual_block_prunes_its_stream_whichever_way_the_add_is_written(
+        stream_first) -> None:
+    """With ``blk(h) + h`` the second call reads the stream as blk.2 wrote it: one index set
+    with pre's (allow_residual), so the same units, and one member for blk.0's input."""
+    torch.manual_seed(0)
+    model = LoopedResidual(stream_first).eval()
+    x = torch.randn(3, 4)
+    structure = find_groups(model, x, allow_residual=True)
+    assert set(structure.groups) == {"pre", "blk.0"}
+    assert [(m.module, m.role) for m in structure.groups["pre"].members] == [
+        ("pre", "out"), ("blk.2", "out"), ("blk.0", "in"), ("head", "in")]
+    plan = make_plan(structure, {"pre": [0, 2, 5], "blk.0": [1, 2, 6]})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    assert (model.blk[0].in_features, model.blk[2].out_features, model.head.in_features) == (
+        3, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
 def test_a_module_reading_two_producers_leaves_both_alone() -> None:
     structure = find_groups(SharedHead(), torch.randn(3, 4))
     assert set(structure.groups) == set()

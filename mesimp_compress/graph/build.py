@@ -122,15 +122,27 @@ class _Assembler:
             problem = self.module_problem(record.module)
             if problem:
                 self.block_codes(record.codes, f"read by '{record.module}', which {problem}")
-        self.apply_shared_reads()
+
+    def canonical(self, codes: torch.Tensor | None) -> torch.Tensor | None:
+        """``codes`` with each unit of a merged set written as the same unit of its root
+        group (writers of one stream or gate share one index set)."""
+        if codes is None:
+            return None
+        units = codes > 0  # 0: no unit; a probe's padding is negative
+        gids = torch.searchsorted(self.bases, codes[units], right=True) - 1
+        roots = torch.tensor([self.find(g) for g in gids.tolist()], dtype=torch.int64)
+        out = codes.clone()
+        out[units] = codes[units] - self.bases[gids] + self.bases[roots]
+        return out
 
     def apply_shared_reads(self) -> None:
         """A module called more than once (weight sharing: a siamese encoder, a layer applied
         in a loop) is one set of weights: the units it reads at a dimension can be removed
-        only when every call reads the same units there."""
+        only when every call reads the same units there (after couplings: a looped block's
+        residual ``blk(h) + h`` reads the stream's units written by another writer)."""
         for (name, _), reads in self.tracer.reads.items():
-            first = reads[0]
-            if all(_same(first, other) for other in reads[1:]):
+            first = self.canonical(reads[0])
+            if all(_same(first, self.canonical(other)) for other in reads[1:]):
                 continue
             calls = self.tracer.calls.get(name, len(reads))
             reason = (f"read by '{name}', which is called {calls} times and does not read "
@@ -223,17 +235,18 @@ class _Assembler:
         for r in sorted({r for gid in gids for r in readers.get(gid, ())}):
             record = self.tracer.members[r]
             positions = _positions(record, [self.infos[g] for g in gids], width)
-            if positions is not None:
-                members.append(
-                    Member(
-                        record.module, record.kind, record.role, record.size, record.attr, positions
-                    )
-                )
+            if positions is None:
+                continue
+            member = Member(record.module, record.kind, record.role, record.size, record.attr,
+                            positions)
+            if member not in members:  # calls that read one stream through other writers
+                members.append(member)
         return tuple(members)
 
     def structure(self) -> Structure:
         self.apply_policies()
         self.apply_couplings()
+        self.apply_shared_reads()
         self.propagate()
         result = Structure()
         sets: dict[int, list[int]] = {}
