@@ -22,7 +22,7 @@ from torch import nn
 from .activity import ActivityTracker
 from .config import CompressConfig
 from .errors import KError, UnsupportedStructureError
-from .graph import ROLE_IN, Group, Structure, find_groups
+from .graph import ROLE_FEATURES, ROLE_IN, Group, Structure, find_groups
 from .graph.build import OUTPUT_REASON
 from .meprop.apply import output_layer_of
 from .plan import Plan, make_plan
@@ -158,10 +158,13 @@ class Simplifier:
         )
 
     def select_activity(self, tracker: ActivityTracker, kept: Mapping[str, Any]) -> None:
-        """Keep only the counters of kept units (current indexing) after a prune."""
+        """Keep only the counters of kept units (current indexing) after a prune: of the
+        writers, and of the layers whose channels follow them (a depthwise convolution's)."""
         for key, idx in kept.items():
-            for writer in self.writers(key):
-                tracker.select(writer, idx)
+            followers = [m.module for m in self.structure.groups[key].members
+                         if m.role == ROLE_FEATURES]
+            for layer in (*self.writers(key), *followers):
+                tracker.select(layer, idx)
 
     def total_hits(self, tracker: ActivityTracker) -> dict[str, list[int]]:
         """Hits per kept unit since the start, per key."""

@@ -517,3 +517,34 @@ def test_a_conv1d_model_over_varying_lengths_is_compressed_end_to_end(tmp_path) 
     rebuilt = mc.load(_Audio(), tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(rebuilt(x), result.model(x))
+
+
+def test_a_depthwise_block_is_compressed_and_its_activity_follows_the_prune(tmp_path) -> None:
+    """The depthwise conv is wrapped by meProp too: its counters must shrink with 'expand'."""
+    from test_surgery_zoo import InvertedResidual
+
+    g = torch.Generator().manual_seed(1)
+
+    def images(n: int) -> list:
+        batches = []
+        for _ in range(n):
+            x = torch.randn(16, 3, 5, 5, generator=g)
+            batches.append((x, (x[:, 0].mean((1, 2)) > 0).long()))
+        return batches
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return InvertedResidual()
+
+    result = mc.compress(build(), images(16), images(4), config=CFG.replace(epochs=2),
+                         out=tmp_path / "out")
+    width = result.widths["expand"]
+    assert width < 12 and result.model.dw.groups == result.model.dw.out_channels == width
+    report = read_report(tmp_path / "out" / "report.json")
+    assert report["status"] == "ok"
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["dw"]["width_after"] == width and layers["dw"]["params_after"] == 9 * width
+    x = images(1)[0][0]
+    rebuilt = mc.load(build(), tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result.model.eval()(x))

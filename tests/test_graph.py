@@ -181,6 +181,50 @@ def test_bert_ffn_only_and_attention_reported() -> None:
     assert "model output" in structure.reason("pooler.dense")
 
 
+def test_a_depthwise_convolution_follows_the_channels_it_reads() -> None:
+    model = case("inverted_residual").build()
+    x = case("inverted_residual").example()
+    structure = find_groups(model, x)
+    assert [(m.module, m.role) for m in structure.groups["expand"].members] == [
+        ("expand", "out"), ("bn1", "features"), ("dw", "features"), ("bn2", "features"),
+        ("project", "in")]
+    assert "dw" not in {s.name for s in structure.skipped}  # pruned with 'expand'
+    plan = make_plan(structure, {"expand": [1, 4, 5, 10]})
+    masked = copy.deepcopy(model)
+    zero_removed(masked, plan)
+    apply_plan(model, plan)
+    dw = model.dw
+    assert (dw.in_channels, dw.out_channels, dw.groups, tuple(dw.weight.shape)) == (
+        4, 4, 4, (4, 1, 3, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+class DepthMultiplier(nn.Module):
+    """A grouped convolution with two filters per channel, and a depthwise one after a layer
+    that is left alone (the output layer reads it too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.twice = nn.Conv2d(4, 8, 3, groups=4)
+        self.dw = nn.Conv2d(4, 4, 3, groups=4)
+        self.out = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        b = self.b(x)
+        return self.out(torch.cat([self.twice(self.a(x)), self.dw(b)], 1)).mean((2, 3)) + (
+            b.mean((1, 2, 3)).unsqueeze(1))
+
+
+def test_other_grouped_convolutions_and_what_they_read_are_left_alone() -> None:
+    structure = find_groups(DepthMultiplier(), torch.randn(2, 3, 5, 5))
+    assert "consumed by grouped convolution 'twice'" in structure.reason("a")
+    assert "grouped convolution (groups=4)" in structure.reason("twice")
+    assert "depthwise convolution: no units of its own" in structure.reason("dw")
+    assert structure.reason("b") is not None and "dw" not in structure.groups
+
+
 class SharedUse(nn.Module):
     def __init__(self) -> None:
         super().__init__()

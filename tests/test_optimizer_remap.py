@@ -50,7 +50,7 @@ def train_step(model: nn.Module, optimizer, inputs, target) -> None:
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("case_name", ["convnet", "text_cnn", "tagger"])
+@pytest.mark.parametrize("case_name", ["convnet", "text_cnn", "inverted_residual", "tagger"])
 def test_one_step_after_surgery_equals_masked_step(case_name: str, opt_name: str) -> None:
     case = CASES[CASE_IDS.index(case_name)]
     model = case.build().train()

@@ -52,8 +52,9 @@ def test_shapes_and_shape_attributes_follow_the_plan(case: Case) -> None:
             assert getattr(module, attr) == width, (edit.module, attr)
         if isinstance(module, nn.Linear):
             assert module.weight.shape == (module.out_features, module.in_features)
-        elif isinstance(module, nn.Conv2d):
-            assert module.weight.shape[:2] == (module.out_channels, module.in_channels)
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):  # (out, in / groups, *kernel)
+            assert module.weight.shape[:2] == (module.out_channels,
+                                               module.in_channels // module.groups)
         elif isinstance(module, nn.BatchNorm2d):
             assert module.running_mean.shape == (module.num_features,)
         elif isinstance(module, nn.LSTM):

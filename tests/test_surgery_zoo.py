@@ -72,6 +72,27 @@ class TextCNN(nn.Module):
         return self.out(F.relu(self.fc(x.flatten(1))))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand -> BN -> ReLU6 -> depthwise 3x3 -> BN -> ReLU6 -> 1x1
+    project -> BN, added to its input; then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.expand = nn.Conv2d(4, 12, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.project = nn.Conv2d(12, 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        h = F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.expand(x))))))
+        return self.out((x + self.bn3(self.project(h))).mean((2, 3)))
+
+
 class ResidualMLP(nn.Module):
     """A residual stream written by ``stem`` and ``block2`` and read by ``block1`` and ``head``."""
 
@@ -236,6 +257,7 @@ CASES = [
     Case("custom_mlp", CustomMLP, lambda: torch.randn(4, 6), ("fc1", "fc2")),
     Case("convnet", ConvNet, lambda: torch.randn(2, 3, 6, 6), ("conv1", "conv2", "fc")),
     Case("text_cnn", TextCNN, lambda: torch.randint(0, 20, (3, 8)), ("conv1", "conv2", "fc")),
+    Case("inverted_residual", InvertedResidual, lambda: torch.randn(2, 3, 5, 5), ("expand",)),
     Case(
         "residual",
         ResidualMLP,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import producer, unsupported
+from .modules import depthwise, producer, unsupported
 from .shrink import followed
 from .structure import ROLE_OUT, Group, Member, Skipped, Structure, hidden_role
 from .trace import GroupInfo, MemberRecord, Tracer
@@ -271,11 +271,12 @@ class _Assembler:
                 tied=tied,
                 writers=tuple(self.infos[g].key for g in gids),
             )
-        result.skipped = self.skipped()
+        result.skipped = self.skipped(result.groups)
         return result
 
-    def skipped(self) -> list[Skipped]:
+    def skipped(self, groups: dict[str, Group]) -> list[Skipped]:
         entries = []
+        followers = {m.module for g in groups.values() for m in g.members}
         by_module: dict[str, list[int]] = {}
         for gid, info in enumerate(self.infos):
             by_module.setdefault(info.module, []).append(gid)
@@ -286,12 +287,17 @@ class _Assembler:
                     if self.reasons[gid]:
                         entries.append(Skipped(self.infos[gid].key, "; ".join(self.reasons[gid])))
             elif producer(module):
+                if name in followers:  # a depthwise convolution pruned with what it reads
+                    continue
                 if isinstance(parents.get(id(module)), nn.MultiheadAttention):
                     reason = (
                         "attention projection inside nn.MultiheadAttention: not a prunable unit"
                     )
                 elif name in self.tracer.misuse:
                     reason = self.tracer.misuse[name]
+                elif depthwise(module) and self.tracer.calls.get(name):
+                    reason = ("depthwise convolution: no units of its own, its channels are "
+                              "those of the layer it reads, which is left alone")
                 else:
                     reason = "not called as a module in the forward pass"
                 entries.append(Skipped(name, reason))

@@ -92,8 +92,17 @@ class HFConv1DRule(ModuleRule):
             tracer.produce(name, self, widths(module)[1], output, output.dim() - 1, module)
 
 
+def depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution (one filter per channel, groups = in = out channels): it has
+    no units of its own, its channel c reads channel c only (MobileNet, ConvNeXt blocks)."""
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
 class ConvRule(ModuleRule):
-    """Conv1d / Conv2d: channels along axis 1 of a batched input, axis 0 of an unbatched one."""
+    """Conv1d / Conv2d: channels along axis 1 of a batched input, axis 0 of an unbatched one.
+    A depthwise convolution passes its input's units through, channel by channel, as
+    BatchNorm does; other grouped convolutions are left alone."""
 
     def __init__(self, kind: str, spatial: int) -> None:
         self.kind, self.spatial = kind, spatial
@@ -110,6 +119,14 @@ class ConvRule(ModuleRule):
         x = _first_input(args, kwargs)
         if not isinstance(x, torch.Tensor):
             return
+        if depthwise(module):
+            problem = _odd_parameters(module, {"weight", "bias"})
+            if problem:
+                tracer.block_tensors([x], f"passes through depthwise '{name}' and {problem}")
+                return
+            tracer.consume(name, self.kind, ROLE_FEATURES, module.in_channels, "in_channels", x,
+                           self.channel_axis(x))
+            return
         if module.groups != 1:
             tracer.block_tensors([x], f"consumed by grouped convolution '{name}'")
             return
@@ -117,9 +134,17 @@ class ConvRule(ModuleRule):
                        self.channel_axis(x))
 
     def after(self, tracer, name, module, args, kwargs, output):
-        if isinstance(output, torch.Tensor):
-            tracer.produce(name, self, module.out_channels, output, self.channel_axis(output),
-                           module)
+        if not isinstance(output, torch.Tensor):
+            return
+        if depthwise(module):
+            x = _first_input(args, kwargs)
+            label = tracer.label(x) if isinstance(x, torch.Tensor) else None
+            if (isinstance(label, AxisLabel) and label.axis == self.channel_axis(x)
+                    and tracer.is_recorded(name, ROLE_FEATURES, label)):
+                tracer.set_label(output, AxisLabel(self.channel_axis(output), label.codes))
+            return
+        tracer.produce(name, self, module.out_channels, output, self.channel_axis(output),
+                       module)
 
 
 class BatchNormRule(ModuleRule):

@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from ..graph import ROLE_FEATURES, ROLE_IN, ROLE_OUT
+from ..graph.modules import depthwise
 from ..hfconv1d import is_conv1d, widths
 
 if TYPE_CHECKING:
@@ -154,17 +155,28 @@ class LinearPruner(_RowsColumnsPruner):
 
 @register_pruner
 class ConvPruner(_RowsColumnsPruner):
-    """nn.Conv1d / nn.Conv2d (groups=1): ``out`` = output channels, ``in`` = input channels."""
+    """nn.Conv1d / nn.Conv2d (groups=1): ``out`` = output channels, ``in`` = input channels.
+    A depthwise convolution (groups = in = out channels) has ``features`` instead: its
+    filters and bias, one per channel, as a BatchNorm's."""
 
     kinds = (nn.Conv1d, nn.Conv2d)
 
     def sizes(self, module):
+        if depthwise(module):
+            return {ROLE_FEATURES: module.in_channels}
         return {ROLE_OUT: module.out_channels, ROLE_IN: module.in_channels}
 
     def problem(self, module):
-        if module.groups != 1:
+        if module.groups != 1 and not depthwise(module):
             return f"grouped convolution (groups={module.groups}) is not supported"
         return super().problem(module)
+
+    def slices(self, module, kept):
+        if ROLE_FEATURES not in kept:
+            return super().slices(module, kept)
+        index = kept[ROLE_FEATURES]
+        return [Slice("weight", 0, index)] + (
+            [Slice("bias", 0, index)] if module.bias is not None else [])
 
     def fold(self, module, role, sub):
         # Exact where the kernel sees no zero padding; at padded borders the removed
@@ -176,6 +188,8 @@ class ConvPruner(_RowsColumnsPruner):
         return fold_inputs(module.weight, "bias", "weight", sub)
 
     def resize(self, module, kept):
+        if ROLE_FEATURES in kept:
+            module.in_channels = module.out_channels = module.groups = len(kept[ROLE_FEATURES])
         if ROLE_OUT in kept:
             module.out_channels = len(kept[ROLE_OUT])
         if ROLE_IN in kept:
