@@ -277,6 +277,7 @@ def _prove(
         latency=latency,
         export=exports,
         skipped=skipped,
+        notes=tuned.notes,
         bench_threads=threads,
         status="failed" if failed else "ok",
         error=error,

@@ -29,6 +29,8 @@ Schema (version 1); a key whose value is unknown holds ``null``::
                          dynamic_axes, initializers, initializer_elements, file_bytes,
                          fallback_reason
     skipped              layers left alone, with the reason
+    notes                what surgery could not do (a consumer without a bias to compensate
+                         into, a config field that cannot hold per-layer widths), each once
     versions             python, torch, onnx, onnxruntime, onnxscript, numpy, mesimp_compress
     machine              platform, cpu, cpu_count, torch_threads, bench_threads
     extra                anything else the caller adds
@@ -72,6 +74,7 @@ def build_report(
     latency: Any = None,
     export: Mapping[str, Any] | None = None,
     skipped: Sequence[Mapping[str, Any]] = (),
+    notes: Sequence[str] = (),
     bench_threads: Sequence[int] = (),
     status: str = "ok",
     error: str | None = None,
@@ -111,6 +114,7 @@ def build_report(
         "latency": _latency(latency),
         "export": {k: _plain(v) for k, v in (export or {}).items()},
         "skipped": [dict(s) for s in skipped],
+        "notes": [str(n) for n in notes],
         "versions": versions(),
         "machine": machine(bench_threads),
         "extra": _plain(extra) if extra else {},

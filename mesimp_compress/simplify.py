@@ -26,8 +26,9 @@ from .graph import ROLE_FEATURES, ROLE_IN, Group, Structure, find_groups
 from .graph.build import OUTPUT_REASON
 from .meprop.apply import output_layer_of
 from .plan import Plan, make_plan
-from .surgery import ActivationMeans, apply_plan
+from .surgery import ActivationMeans, apply_plan, update_configs
 from .surgery.compensation import measured
+from .surgery.hfconfig import config_values, restore_values
 
 
 def _output_layer(model: nn.Module, structure: Structure) -> str | None:
@@ -69,6 +70,9 @@ class Simplifier:
         self.original_structure = structure
         self.original_widths = structure.widths()
         self.plan = Plan({}, {}, [])
+        self.surgery_notes: list[str] = []  # distinct notes of every prune so far
+        self.config_notes: list[str] = []  # what the HF configs cannot say, now
+        self._config_values = config_values(model)  # as they were before any prune
         self.output_layer = config.output_layer or _output_layer(model, structure)
         self.means: ActivationMeans | None = None
         if config.compensate != "off":
@@ -199,10 +203,22 @@ class Simplifier:
         means = self.means if compensate and self.means is not None else None
         if means is not None:
             means.all_reduce()
-        apply_plan(model, step, optimizer=optimizer, compensation=means)
+        report = apply_plan(model, step, optimizer=optimizer, compensation=means, configs=False)
         self.structure = restrict(self.structure, step)
         self.plan = self.plan.then(step)
+        self.surgery_notes += [n for n in report.notes if n not in self.surgery_notes]
+        self.sync_configs(model)
         return step
+
+    def sync_configs(self, model: nn.Module) -> None:
+        """Set the FFN widths of the model's Hugging Face configs from the whole plan so far
+        (layers that shrank in different windows and then met at one width set it too)."""
+        restore_values(model, self._config_values)
+        self.config_notes = update_configs(model, self.plan)
+
+    def notes(self) -> list[str]:
+        """What the prunes so far could not do (compensation, configs), each once."""
+        return self.surgery_notes + self.config_notes
 
     def reset_means(self) -> None:
         """Start measuring means afresh (a new window)."""
@@ -230,6 +246,7 @@ class Simplifier:
         """Return to ``state``; ``model`` is the restored copy, measured from now on."""
         self.structure = state["structure"]
         self.plan = state["plan"]
+        self.sync_configs(model)
         if self.means is not None:
             enabled = self.means.enabled  # a rollback in a normal phase stays unmeasured
             self.means.close()
@@ -248,11 +265,11 @@ class Simplifier:
     def replay(self, model: nn.Module, plan: Plan, *, update: bool = True) -> None:
         """Apply a cumulative ``plan`` to the full-size ``model`` (resuming a run); with
         ``update``, this run's structure and plan become those after ``plan``."""
-        if not plan.is_empty():
-            apply_plan(model, plan)
+        notes = apply_plan(model, plan).notes if not plan.is_empty() else []
         if update:
             self.structure = restrict(self.original_structure, plan)
             self.plan = plan
+            self.config_notes = notes  # the configs' (no compensation here)
 
     # ------------------------------------------------------------------ helpers
     def _choose_keys(self) -> list[str]:

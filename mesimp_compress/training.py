@@ -87,6 +87,7 @@ class FineTuneResult:
     metric_after: float
     hits: dict[str, list[int]]
     examples: dict[str, int]
+    notes: list[str] = field(default_factory=list)  # what surgery could not do, each once
 
 
 @torch.no_grad()
@@ -196,6 +197,9 @@ class FineTuner:
         remove_meprop(self.model)
         self.simp.detach_means(self.model)
         metric_after = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
+        notes = self.simp.notes()
+        for note in notes:
+            emit(self.sink, "note", message=note)
         emit(
             self.sink,
             "done",
@@ -212,6 +216,7 @@ class FineTuner:
             metric_after=metric_after,
             hits=self.simp.total_hits(self.tracker),
             examples=self.simp.total_examples(self.tracker),
+            notes=notes,
         )
 
     # ------------------------------------------------------------------ phases

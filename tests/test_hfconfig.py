@@ -78,3 +78,44 @@ def test_a_layer_of_the_ffn_width_outside_the_ffn_does_not_set_the_field():
         "the config has no field for the width of 'bert.pooler.dense' (32 -> 5): reload with "
         "load_compressed, not from_pretrained"
     ]
+
+
+def _gpt2(n_inner):
+    torch.manual_seed(0)
+    return transformers.GPT2Model(transformers.GPT2Config(
+        vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_inner=n_inner, n_positions=16,
+        bos_token_id=0, eos_token_id=0)).eval()
+
+
+def test_gpt2s_default_n_inner_of_none_is_four_times_n_embd_and_follows(tmp_path):
+    model = _gpt2(None)  # every released GPT-2 config says null: 4 x 32 = 128
+    structure = find_groups(model, IDS)
+    assert {g.width for g in structure.groups.values()} == {128}
+    report = apply_plan(model, make_plan(structure, {k: list(range(0, 128, 4))
+                                                     for k in structure.groups}))
+    assert model.config.n_inner == 32 and report.notes == []
+    model.save_pretrained(tmp_path)
+    again = transformers.GPT2Model.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**IDS)[0], model(**IDS)[0])
+
+
+def test_a_run_pruning_in_steps_sets_the_field_once_the_layers_meet_at_one_width(tmp_path):
+    """Layers that shrink to different widths in one window and meet in a later one: the
+    field follows the whole plan, not only the last step (it stayed 48 before)."""
+    from mesimp_compress.config import CompressConfig
+    from mesimp_compress.simplify import Simplifier
+
+    model = _gpt2(48)
+    structure = find_groups(model, IDS)
+    first, second = sorted(structure.groups)
+    simp = Simplifier(model, structure, CompressConfig(compensate="off"))
+    simp.prune(model, {first: list(range(30)), second: list(range(36))})
+    assert model.config.n_inner == 48
+    assert [n for n in simp.notes() if "config.n_inner cannot represent" in n]
+    simp.prune(model, {second: list(range(6, 36))})
+    assert model.config.n_inner == 30 and simp.notes() == []
+    model.save_pretrained(tmp_path)
+    again = transformers.GPT2Model.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**IDS)[0], model(**IDS)[0])

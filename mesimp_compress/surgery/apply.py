@@ -100,6 +100,7 @@ def apply_plan(
     optimizer: torch.optim.Optimizer | None = None,
     compensation: Mapping[str, torch.Tensor] | None = None,
     sink: EventSink | None = None,
+    configs: bool = True,
 ) -> SurgeryReport:
     """Shrink ``model`` in place as ``plan`` says.
 
@@ -107,9 +108,11 @@ def apply_plan(
     ``compensation`` (an :class:`ActivationMeans`, or any mapping from consumer module name
     to the mean of its input features), each consumer absorbs its removed inputs'
     contribution: their mean into its bias, and with ``ActivationMeans(covariance=True)``
-    also their least-squares prediction from the kept inputs into its weight. Raises
-    PlanError if the plan does not fit the model, ConfigError for optimizer state or means
-    that cannot follow, and changes nothing in those cases.
+    also their least-squares prediction from the kept inputs into its weight. With
+    ``configs``, the FFN width fields of Hugging Face configs follow (``plan`` must then
+    start from the widths the configs hold). Raises PlanError if the plan does not fit the
+    model, ConfigError for optimizer state or means that cannot follow, and changes nothing
+    in those cases.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"apply_plan needs an nn.Module, got {type(model).__name__}")
@@ -158,7 +161,8 @@ def apply_plan(
             target.pruner.resize(target.module, target.kept(_device(target.module)))
             for role, edit in target.edits.items():
                 emit(sink, "surgery", module=name, role=role, before=edit.size, after=edit.width)
-    report.notes += update_configs(model, plan)
+    if configs:  # a Hugging Face config's FFN width follows (a run in steps syncs its own)
+        report.notes += update_configs(model, plan)
     report.params_after = sum(p.numel() for p in model.parameters())
     for note in report.notes:
         emit(sink, "note", message=note)

@@ -44,8 +44,8 @@ def update_configs(model: nn.Module, plan: Plan) -> list[str]:
     for config, prefixes in configs:
         mine = [e for e in shrunk if any(_within(e.module, p) for p in prefixes)]
         for name in FIELDS:
-            value = getattr(config, name, None)
-            if not isinstance(value, int) or isinstance(value, bool):
+            value = _width(config, name)
+            if value is None:
                 continue
             edits = [e for e in mine if e.size == value and _sizes(name, e.module)]
             if not edits:
@@ -72,6 +72,30 @@ def update_configs(model: nn.Module, plan: Plan) -> list[str]:
     return notes
 
 
+def config_values(model: nn.Module) -> dict[tuple[str, ...], dict[str, Any]]:
+    """The FFN width fields of every HF config in ``model``, by the modules holding it: what
+    :func:`restore_values` puts back (a run prunes in steps, each from the original)."""
+    return {tuple(prefixes): {f: getattr(config, f) for f in FIELDS if hasattr(config, f)}
+            for config, prefixes in _configs(model)}
+
+
+def restore_values(model: nn.Module, values: dict[tuple[str, ...], dict[str, Any]]) -> None:
+    """Set the fields :func:`config_values` read back on the configs of ``model`` (a copy of
+    the model holds copies of its configs, found by the same module names)."""
+    for config, prefixes in _configs(model):
+        for field, value in values.get(tuple(prefixes), {}).items():
+            setattr(config, field, value)
+
+
+def _width(config: Any, field: str) -> int | None:
+    """The FFN width ``field`` of ``config`` holds (GPT-2's n_inner=None: 4 x n_embd)."""
+    value = getattr(config, field, None)
+    if field == "n_inner" and value is None:
+        embd = getattr(config, "n_embd", None)
+        value = 4 * embd if isinstance(embd, int) and not isinstance(embd, bool) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _configs(model: nn.Module) -> list[tuple[Any, list[str]]]:
     """Each HF config in ``model`` (an object with a ``model_type`` or an FFN width field,
     found as a module's ``config``) with the names of the modules holding it."""
@@ -79,8 +103,7 @@ def _configs(model: nn.Module) -> list[tuple[Any, list[str]]]:
     for name, module in model.named_modules():
         config = getattr(module, "config", None)
         if config is None or not (
-            hasattr(config, "model_type") or any(
-                isinstance(getattr(config, f, None), int) for f in FIELDS)
+            hasattr(config, "model_type") or any(_width(config, f) is not None for f in FIELDS)
         ):
             continue
         entry = found.setdefault(id(config), (config, []))
