@@ -1,9 +1,11 @@
 import re
 
 import _onnx_zoo as zoo
+import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mesimp_compress.errors import ConfigError, ExportError, ShapeError
@@ -331,3 +333,41 @@ def test_an_example_at_a_position_tables_length_keeps_the_length_dynamic(tmp_pat
     (got,) = run_onnx(make_session(tmp_path / "p.onnx"), (ids,))
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(ids), atol=1e-5, rtol=1e-4)
+
+
+class PooledToFour(nn.Module):
+    """Adaptive pooling to 4 positions: the exporters bake the windows of the traced length."""
+
+    def __init__(self, tokens: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 3) if tokens else None
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x):
+        if self.emb is not None:
+            x = self.emb(x).transpose(1, 2)
+        return self.out(F.adaptive_avg_pool1d(self.conv(x), 4).flatten(1))
+
+
+def test_an_axis_the_file_follows_in_shape_but_not_in_value_is_refused(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(ExportError, match=r"resized to \(3, 3, 13\).*so that axis cannot vary"):
+        export_onnx(PooledToFour().eval(), (torch.randn(2, 3, 12),), tmp_path / "p.onnx",
+                    dynamic_axes=[{0: "batch", 2: "seq"}])
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_a_guessed_sequence_axis_followed_only_in_shape_is_kept_fixed(tmp_path):
+    torch.manual_seed(0)
+    model = PooledToFour(tokens=True).eval()
+    ids = torch.randint(0, 10, (2, 12))
+    result = export_onnx(model, (ids,), tmp_path / "p.onnx")
+    assert result.dynamic_axes == {"x": {0: "batch"}}
+    assert "the sequence axis is kept fixed" in result.fallback_reason
+    assert "computes with the size of a dynamic axis" in result.fallback_reason
+    session = make_session(result.path)
+    more = torch.randint(0, 10, (5, 12))
+    got = run_onnx(session, (more,), result.input_names)[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(more).numpy(), rtol=1e-5, atol=1e-6)
