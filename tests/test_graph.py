@@ -605,8 +605,8 @@ def test_hugging_face_conv1d_units_are_followed_as_a_transposed_linear() -> None
             self.c_proj = pytorch_utils.Conv1D(6, 12)
             self.head = nn.Linear(6, 2)
 
-        def forward(self, x):
-            return self.head(self.c_proj(torch.relu(self.c_fc(x))))
+        def forward(self, x):  # Conv1D's input may come by its name, x
+            return self.head(self.c_proj(x=torch.relu(self.c_fc(x))))
 
     torch.manual_seed(0)
     model = GPT2Mlp().eval()

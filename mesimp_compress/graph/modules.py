@@ -83,7 +83,7 @@ class HFConv1DRule(ModuleRule):
         return _odd_parameters(module, {"weight", "bias"})
 
     def before(self, tracer, name, module, args, kwargs):
-        x = _first_input(args, kwargs)
+        x = _first_input(args, kwargs, "x")  # Conv1D.forward(self, x)
         if isinstance(x, torch.Tensor):
             tracer.consume(name, self.kind, ROLE_IN, widths(module)[0], "nx", x, x.dim() - 1)
 
