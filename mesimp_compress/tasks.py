@@ -2,7 +2,10 @@
 
 Outputs of shape (B, C) go with targets (B,); outputs (B, T, C) with targets (B, T), where
 positions whose target is ``IGNORE_INDEX`` (-100, PyTorch's convention) are padding and count
-nowhere. A metric returns ``(sum, count)`` so batches of any size average exactly.
+nowhere. Class scores along dim 1, as ``F.cross_entropy`` takes them ((B, C, T) with (B, T),
+a segmentation's (B, C, H, W) with (B, H, W)), work too; where both layouts fit (C == T),
+the classes are read from the last dim. A metric returns ``(sum, count)`` so batches of
+any size average exactly.
 """
 
 from __future__ import annotations
@@ -36,12 +39,26 @@ def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
             "the targets hold one value, not a batch: each batch must hold several examples "
             "(pass a DataLoader over your Dataset, not the Dataset itself)"
         )
-    if outputs.dim() == targets.dim() + 1 and outputs.shape[:-1] == targets.shape:
-        return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
+    logits = _classes_last(outputs, targets)
+    if logits is not None:
+        return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     raise ShapeError(
         f"model output {tuple(outputs.shape)} does not fit targets {tuple(targets.shape)}: "
-        "expected (B, C) with (B,) or (B, T, C) with (B, T)"
+        "expected (B, C) with (B,), (B, T, C) or (B, C, T) with (B, T)"
     )
+
+
+def _classes_last(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """``outputs`` with the class scores along the last dim, or None if they do not fit
+    ``targets``: (B, ..., C) as given, or (B, C, ...) with dim 1 moved last."""
+    if outputs.dim() != targets.dim() + 1:
+        return None
+    if outputs.shape[:-1] == targets.shape:
+        return outputs
+    if outputs.dim() > 2 and outputs.shape[0] == targets.shape[0] and (
+            outputs.shape[2:] == targets.shape[1:]):
+        return outputs.movedim(1, -1)
+    return None
 
 
 def _classes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,13 +125,13 @@ def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
     is_logits = (
         isinstance(targets, torch.Tensor)
         and not targets.dtype.is_floating_point
-        and student.dim() == targets.dim() + 1
-        and student.shape[:-1] == targets.shape
+        and _classes_last(student, targets) is not None
     )
     if not is_logits:
         return F.mse_loss(student, teacher)
     s, labels = _flatten(student, targets)
-    t = teacher.reshape(-1, teacher.shape[-1])
+    t = _classes_last(teacher, targets)
+    t = t.reshape(-1, t.shape[-1])
     keep = labels != IGNORE_INDEX
     s, t = s[keep], t[keep]
     if s.numel() == 0:

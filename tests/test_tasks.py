@@ -129,3 +129,25 @@ def test_distillation_of_outputs_that_differ_in_structure_says_so():
     logits = torch.randn(4, 3)
     with pytest.raises(ShapeError, match=r"differ in structure \(2 vs 1 values"):
         tasks.distillation((logits, torch.randn(4, 3)), [logits], torch.zeros(4).long(), 2.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 5, 4, 6)], ids=["tagger", "segmentation"])
+def test_class_scores_along_dim_1_are_read_as_torch_reads_them(shape):
+    """(B, C, T) / (B, C, H, W) logits, as F.cross_entropy takes them."""
+    torch.manual_seed(0)
+    logits = torch.randn(shape)
+    targets = torch.randint(0, 5, (shape[0], *shape[2:]))
+    targets.view(-1)[::4] = -100  # padding
+    expected = F.cross_entropy(logits, targets, ignore_index=-100)
+    assert torch.allclose(tasks.cross_entropy(logits, targets), expected)
+    keep = targets != -100
+    correct = float(((logits.argmax(1) == targets) & keep).sum())
+    assert tasks.accuracy(logits, targets) == (correct, float(keep.sum()))
+    teacher = torch.randn(shape)
+    moved = tasks.distillation(logits.movedim(1, -1), teacher.movedim(1, -1), targets, 2.0)
+    assert torch.allclose(tasks.distillation(logits, teacher, targets, 2.0), moved)
+
+
+def test_where_both_layouts_fit_the_classes_are_the_last_dim():
+    logits = torch.tensor([[[5.0, 0.0], [0.0, 5.0]]])  # (1, 2, 2): C == T
+    assert tasks.accuracy(logits, torch.tensor([[0, 1]])) == (2.0, 2.0)
