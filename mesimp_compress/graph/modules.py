@@ -1,9 +1,10 @@
 """How units enter, leave and pass through the layer modules the tracer treats as atomic.
 
-Linear, Conv1d and Conv2d layers produce units (their output features / channels) and
-consume them (their input features / channels); BatchNorm passes units through, one feature
-per unit; nn.LSTM consumes input features and produces hidden units, one group per layer and
-direction. Each module kind is one small rule class; a new kind is one class and one registry line.
+Linear, Conv1d, Conv2d and Hugging Face's Conv1D layers produce units (their output features
+/ channels) and consume them (their input features / channels); BatchNorm and depthwise
+convolutions pass units through, one feature or channel per unit; nn.LSTM consumes input
+features and produces hidden units, one group per layer and direction. Each module kind is
+one small rule class; a new kind is one class and one registry line.
 """
 
 from __future__ import annotations
