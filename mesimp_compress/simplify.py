@@ -161,14 +161,18 @@ class Simplifier:
             tracker, tracker.window_examples
         )
 
-    def select_activity(self, tracker: ActivityTracker, kept: Mapping[str, Any]) -> None:
+    def select_activity(self, tracker: ActivityTracker, kept: Mapping[str, Any],
+                        step: Plan | None = None) -> None:
         """Keep only the counters of kept units (current indexing) after a prune: of the
-        writers, and of the layers whose channels follow them (a depthwise convolution's)."""
+        writers, and, as ``step`` (the prune's plan) cut them, of the layers whose channels
+        follow other layers' (a depthwise convolution: its channels may come from a concat
+        of several groups, at other positions)."""
         for key, idx in kept.items():
-            followers = [m.module for m in self.structure.groups[key].members
-                         if m.role == ROLE_FEATURES]
-            for layer in (*self.writers(key), *followers):
-                tracker.select(layer, idx)
+            for writer in self.writers(key):
+                tracker.select(writer, idx)
+        for edit in step.edits if step is not None else ():
+            if edit.role == ROLE_FEATURES:
+                tracker.select(edit.module, list(edit.kept))
 
     def total_hits(self, tracker: ActivityTracker) -> dict[str, list[int]]:
         """Hits per kept unit since the start, per key."""

@@ -422,9 +422,9 @@ class FineTuner:
                 self._guard["keys"] = sorted(set(self._guard["keys"]) | set(kept))
         before = self.simp.widths()
         self._unwrap()  # DDP holds the old gradient accumulators: let them go
-        self.simp.prune(self.model, kept, optimizer=self.optimizer)  # means: None when off
+        step = self.simp.prune(self.model, kept, optimizer=self.optimizer)  # means: None if off
         self.net = wrap(self.model, self.world, self.device)  # DDP buckets follow the new shapes
-        self.simp.select_activity(self.tracker, kept)
+        self.simp.select_activity(self.tracker, kept, step)
         self.simp.reset_means()
         after = self.simp.widths()
         pruned = {k: [before[k], after[k]] for k in kept}

@@ -519,24 +519,50 @@ def test_a_conv1d_model_over_varying_lengths_is_compressed_end_to_end(tmp_path) 
         assert torch.equal(rebuilt(x), result.model(x))
 
 
+class _ConcatDepthwise(torch.nn.Module):
+    """A depthwise conv over two branches concatenated: its channels are two groups' units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(3, 8, 1)
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = torch.nn.Conv2d(16, 12, 1)
+        self.fc = torch.nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(torch.relu(self.pw(torch.relu(self.dw(h)))).mean((2, 3)))
+
+
+def _images(n: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        x = torch.randn(16, 3, 5, 5, generator=g)
+        batches.append((x, (x[:, 0].mean((1, 2)) > 0).long()))
+    return batches
+
+
+def test_a_depthwise_conv_over_a_concat_follows_both_branches(tmp_path) -> None:
+    """Its counters are cut at its own channel positions (b's units sit after a's)."""
+    result = mc.compress(_ConcatDepthwise(), _images(8, 1), _images(2, 2),
+                         config=CFG.replace(k=3, epochs=2), out=tmp_path / "out")
+    widths = result.widths
+    assert widths["a"] < 8 and widths["b"] < 8
+    assert result.model.dw.groups == result.model.pw.in_channels == widths["a"] + widths["b"]
+    assert read_report(tmp_path / "out" / "report.json")["status"] == "ok"
+
+
 def test_a_depthwise_block_is_compressed_and_its_activity_follows_the_prune(tmp_path) -> None:
     """The depthwise conv is wrapped by meProp too: its counters must shrink with 'expand'."""
     from test_surgery_zoo import InvertedResidual
-
-    g = torch.Generator().manual_seed(1)
-
-    def images(n: int) -> list:
-        batches = []
-        for _ in range(n):
-            x = torch.randn(16, 3, 5, 5, generator=g)
-            batches.append((x, (x[:, 0].mean((1, 2)) > 0).long()))
-        return batches
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
         return InvertedResidual()
 
-    result = mc.compress(build(), images(16), images(4), config=CFG.replace(epochs=2),
+    result = mc.compress(build(), _images(16, 1), _images(4, 2), config=CFG.replace(epochs=2),
                          out=tmp_path / "out")
     width = result.widths["expand"]
     assert width < 12 and result.model.dw.groups == result.model.dw.out_channels == width
@@ -547,7 +573,7 @@ def test_a_depthwise_block_is_compressed_and_its_activity_follows_the_prune(tmp_
     # the bias-free 1x1 projection cannot take the removed channels' mean: said once
     assert report["notes"] == [
         "'project' is not compensated: it has no bias to fold the removed inputs into"]
-    x = images(1)[0][0]
+    x = _images(1, 3)[0][0]
     rebuilt = mc.load(build(), tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(rebuilt(x), result.model.eval()(x))
