@@ -42,9 +42,13 @@ def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     logits = _classes_last(outputs, targets)
     if logits is not None:
         return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    hint = ""
+    if targets.dim() == outputs.dim() and targets.dim() > 1 and targets.shape[1] == 1:
+        hint = "; the targets have a dim of size 1 after the batch: squeeze it"
     raise ShapeError(
         f"model output {tuple(outputs.shape)} does not fit targets {tuple(targets.shape)}: "
-        "expected (B, C) with (B,), (B, T, C) or (B, C, T) with (B, T)"
+        "expected class scores (B, C) with (B,), (B, T, C) or (B, C, T) with (B, T), "
+        f"(B, C, H, W) with (B, H, W){hint}"
     )
 
 
@@ -77,8 +81,11 @@ def _classes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the non-padding positions."""
+    """Mean cross-entropy over the non-padding positions (0 for a batch of padding only:
+    nothing to learn from, where torch's mean would be 0/0)."""
     logits, labels = _classes(*_flatten(outputs, targets))
+    if not bool((labels != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 

@@ -151,3 +151,16 @@ def test_class_scores_along_dim_1_are_read_as_torch_reads_them(shape):
 def test_where_both_layouts_fit_the_classes_are_the_last_dim():
     logits = torch.tensor([[[5.0, 0.0], [0.0, 5.0]]])  # (1, 2, 2): C == T
     assert tasks.accuracy(logits, torch.tensor([[0, 1]])) == (2.0, 2.0)
+
+
+def test_a_batch_of_padding_only_has_a_zero_loss_that_still_backpropagates():
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    loss = tasks.cross_entropy(logits, torch.full((2, 4), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros(2, 3, 4))
+    assert tasks.accuracy(logits, torch.full((2, 4), -100)) == (0.0, 0.0)
+
+
+def test_a_segmentation_target_with_a_channel_dim_of_one_is_named():
+    with pytest.raises(ShapeError, match=r"\(B, C, H, W\) with \(B, H, W\).*squeeze it"):
+        tasks.cross_entropy(torch.zeros(2, 3, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.long))
