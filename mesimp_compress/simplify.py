@@ -70,7 +70,8 @@ class Simplifier:
         self.original_structure = structure
         self.original_widths = structure.widths()
         self.plan = Plan({}, {}, [])
-        self.surgery_notes: list[str] = []  # distinct notes of every prune so far
+        # distinct notes of the settings and of every prune so far
+        self.surgery_notes: list[str] = _exclude_notes(model, structure, config.exclude)
         self.config_notes: list[str] = []  # what the HF configs cannot say, now
         self._config_values = config_values(model)  # as they were before any prune
         self.output_layer = config.output_layer or _output_layer(model, structure)
@@ -293,6 +294,28 @@ class Simplifier:
             m.module for g in self.structure.groups.values() for m in g.members if m.role == ROLE_IN
         }
         return sorted(n for n in names if measured(modules.get(n)))
+
+
+def _exclude_notes(model: nn.Module, structure: Structure, patterns: Any) -> list[str]:
+    """What an exclude pattern that leaves no layer alone matched: nothing (a typo?), or only
+    modules that are no prunable layer (a container, or a BatchNorm or depthwise convolution,
+    which follow the layer feeding them)."""
+    notes = []
+    names = [n for n, _ in model.named_modules() if n]
+    keys = {*structure.groups, *(g.module for g in structure.groups.values()),
+            *(s.name for s in structure.skipped)}
+    for pattern in patterns or ():
+        if any(fnmatchcase(key, pattern) for key in keys):
+            continue
+        matched = [n for n in names if fnmatchcase(n, pattern)]
+        if not matched:
+            notes.append(f"exclude pattern '{pattern}' matches no module of the model")
+        else:
+            notes.append(
+                f"exclude pattern '{pattern}' matches only {matched[:3]}, no prunable layer: "
+                "name the layers ('name.*' for those inside a block), or, for a BatchNorm or "
+                "depthwise convolution, the layer whose units it reads")
+    return notes
 
 
 def _strip_means_hooks(model: nn.Module) -> None:

@@ -120,3 +120,20 @@ def test_keys_include_leaves_out_are_listed_as_left_alone_with_the_reason() -> N
     assert simplifier.widths() == {"0": 32}
     assert {"name": "2", "reason": "not matched by include (0)"} in simplifier.skipped()
     simplifier.detach_means()
+
+
+def test_exclude_patterns_that_leave_no_layer_alone_are_noted():
+    from test_surgery_zoo import CASE_IDS, CASES
+
+    case = CASES[CASE_IDS.index("inverted_residual")]
+    config = CompressConfig(exclude=["stem", "dw", "bn*", "zzz"], allow_residual=True)
+    simp = Simplifier.build(case.build(), case.example(), config)
+    assert simp.notes() == [
+        "exclude pattern 'dw' matches only ['dw'], no prunable layer: name the layers "
+        "('name.*' for those inside a block), or, for a BatchNorm or depthwise convolution, "
+        "the layer whose units it reads",
+        "exclude pattern 'bn*' matches only ['bn1', 'bn2', 'bn3'], no prunable layer: name the "
+        "layers ('name.*' for those inside a block), or, for a BatchNorm or depthwise "
+        "convolution, the layer whose units it reads",
+        "exclude pattern 'zzz' matches no module of the model"]
+    assert "excluded by name" in {s["name"]: s["reason"] for s in simp.skipped()}["stem"]
