@@ -296,8 +296,8 @@ class _Assembler:
                 elif name in self.tracer.misuse:
                     reason = self.tracer.misuse[name]
                 elif depthwise(module) and self.tracer.calls.get(name):
-                    reason = ("depthwise convolution: no units of its own, its channels are "
-                              "those of the layer it reads, which is left alone")
+                    reason = ("depthwise convolution: no units of its own; its channels follow "
+                              "what feeds it, and no prunable layer's units reach it here")
                 else:
                     reason = "not called as a module in the forward pass"
                 entries.append(Skipped(name, reason))
