@@ -82,9 +82,10 @@ def _classes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the non-padding positions (0 for a batch of padding only:
-    nothing to learn from, where torch's mean would be 0/0)."""
+    nothing to learn from, where torch's mean would be 0/0; an empty batch stays NaN, which
+    training reports as a batch without examples)."""
     logits, labels = _classes(*_flatten(outputs, targets))
-    if not bool((labels != IGNORE_INDEX).any()):
+    if labels.numel() and not bool((labels != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
