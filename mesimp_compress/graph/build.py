@@ -141,6 +141,8 @@ class _Assembler:
         only when every call reads the same units there (after couplings: a looped block's
         residual ``blk(h) + h`` reads the stream's units written by another writer)."""
         for (name, _), reads in self.tracer.reads.items():
+            if len(reads) < 2:  # called once
+                continue
             first = self.canonical(reads[0])
             if all(_same(first, self.canonical(other)) for other in reads[1:]):
                 continue
