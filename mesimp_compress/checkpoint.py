@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import CheckpointError, describe
+from .outputs import write_synced
 
 FILE = "checkpoint.pt"
 FORMAT = "mesimp-checkpoint"
@@ -47,19 +47,8 @@ class Checkpointer:
 
     def save(self, state: dict[str, Any]) -> Path:
         """Write ``state`` atomically (temporary file, then rename)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         payload = {"format": FORMAT, "version": VERSION, **state}
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(payload, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return self.path
+        return write_synced(self.path, lambda handle: torch.save(payload, handle))
 
     def load(self) -> dict[str, Any]:
         """Read the checkpoint; CheckpointError if it is missing or not one of ours."""

@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,34 @@ class OutputDir:
             self._staging = None
         remove_empty(self._made)
         self._made = []
+
+
+@contextmanager
+def staged_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file beside ``path`` (parents made, the umask's usual mode) for the block
+    to write; renamed onto ``path`` when the block ends normally, removed otherwise, so a
+    failure never leaves a half-written file under the final name."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    usual_mode(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_synced(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> Path:
+    """Write ``path`` atomically with ``write(binary_handle)``, flushed to disk first."""
+    with staged_file(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Path(path)
 
 
 def usual_mode(path: str | os.PathLike[str]) -> None:

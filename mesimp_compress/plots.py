@@ -7,7 +7,6 @@ is drawn, and only its Agg canvas is used (no pyplot, no display, no global stat
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, DataError
-from .outputs import usual_mode
+from .outputs import staged_file
 
 WIDTHS_PNG = "widths.png"
 HITS_PNG = "hits.png"
@@ -148,18 +147,9 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png", dir=target.parent)
-    os.close(fd)
-    usual_mode(tmp)
-    try:
+    with staged_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return Path(path)
 
 
 def _as_list(values: Any) -> list[float]:

@@ -8,12 +8,11 @@ parity and metric are checked by the caller with a looser tolerance than fp32.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from .errors import ExportError
 from .export import check_onnx, error_line, quiet
-from .outputs import usual_mode
+from .outputs import staged_file
 
 INT8_ATOL = 0.05
 INT8_RTOL = 0.05
@@ -23,29 +22,18 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
     """Write the int8 (dynamic) quantisation of the ONNX file ``src`` to ``dst``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    target = Path(dst)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.stem}.", suffix=".onnx.tmp", dir=target.parent
-    )
-    os.close(fd)
-    usual_mode(tmp_name)
-    tmp = Path(tmp_name)
     try:
-        with quiet():
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-        check_onnx(tmp)
-        os.replace(tmp, target)
+        with staged_file(dst, suffix=".onnx.tmp") as tmp:
+            with quiet():
+                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+            check_onnx(tmp)
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantiser raises many types
         raise ExportError(
             f"int8 quantisation of {Path(src).name} failed: {error_line(exc)}"
         ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    return Path(dst)
 
 
 __all__ = ["INT8_ATOL", "INT8_RTOL", "quantize_int8"]

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -56,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .outputs import usual_mode
+from .outputs import write_synced
 
 REPORT_FORMAT = "mesimp-report"
 REPORT_VERSION = 1
@@ -177,21 +176,8 @@ def unit_width(module: nn.Module) -> int | None:
 
 def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``report`` as indented JSON, atomically (a temporary file renamed into place)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_plain(report), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    usual_mode(tmp)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return write_synced(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from test_meprop_conv import _run  # (x, weight, bias) grads of one backward
 from torch import nn
 
 from mesimp_compress.activity import ActivityTracker
@@ -22,15 +23,6 @@ def _conv(seed: int = 0, nx: int = 6, nf: int = 9) -> nn.Module:
     conv = pytorch_utils.Conv1D(nf, nx)
     nn.init.normal_(conv.bias)  # a non-zero bias, so a wrong bias gradient would show
     return conv
-
-
-def _grads(layer: nn.Module, x: torch.Tensor, weights: torch.Tensor, hook=None):
-    xr = x.detach().clone().requires_grad_()
-    y = layer(xr)
-    if hook is not None:
-        y.register_hook(hook)
-    (y * weights + y.pow(2)).sum().backward()
-    return xr.grad, layer.weight.grad, layer.bias.grad
 
 
 def _mask(dy: torch.Tensor, k: int, mode: str) -> torch.Tensor:
@@ -55,9 +47,9 @@ def test_gradients_equal_the_masked_dense_reference(mode, shape):
         seen["dense_bias"] = dy.reshape(-1, 9).sum(0)
         return dy * _mask(dy, 3, mode)
 
-    gx, gw, _ = _grads(copy.deepcopy(conv), x, weights, hook)
+    gx, gw, _ = _run(copy.deepcopy(conv), x, weights, hook)
     wrapped = MePropHFConv1D.wrap(copy.deepcopy(conv), 3, mode=mode)
-    mx, mw, mb = _grads(wrapped, x, weights)
+    mx, mw, mb = _run(wrapped, x, weights)
     torch.testing.assert_close(mx, gx, atol=1e-5, rtol=0)
     torch.testing.assert_close(mw, gw, atol=1e-5, rtol=0)
     torch.testing.assert_close(mb, seen["dense_bias"], atol=1e-5, rtol=0)
@@ -68,10 +60,10 @@ def test_gradients_equal_the_masked_dense_reference(mode, shape):
 def test_k_at_or_above_the_width_is_plain_autograd_and_counts_every_unit():
     conv = _conv(1)
     x, weights = torch.randn(4, 6), torch.randn(4, 9)
-    plain = _grads(copy.deepcopy(conv), x, weights)
+    plain = _run(copy.deepcopy(conv), x, weights)
     tracker = ActivityTracker()
     wrapped = MePropHFConv1D.wrap(copy.deepcopy(conv), 9, key="c", tracker=tracker)
-    for got, want in zip(_grads(wrapped, x, weights), plain, strict=True):
+    for got, want in zip(_run(wrapped, x, weights), plain, strict=True):
         assert torch.equal(got, want)
     assert torch.equal(tracker.window_hits("c"), torch.full((9,), 4))
 
@@ -80,9 +72,9 @@ def test_activity_counts_the_selected_columns():
     conv = _conv(2)
     x, weights = torch.randn(5, 6), torch.randn(5, 9)
     seen = {}
-    _grads(copy.deepcopy(conv), x, weights, lambda dy: seen.setdefault("dy", dy))
+    _run(copy.deepcopy(conv), x, weights, lambda dy: seen.setdefault("dy", dy))
     tracker = ActivityTracker()
-    _grads(MePropHFConv1D.wrap(copy.deepcopy(conv), 2, key="c", tracker=tracker), x, weights)
+    _run(MePropHFConv1D.wrap(copy.deepcopy(conv), 2, key="c", tracker=tracker), x, weights)
     expected = torch.zeros(9, dtype=torch.int64)
     expected[seen["dy"].abs().sum(0).topk(2).indices] = 5
     assert torch.equal(tracker.window_hits("c"), expected)
@@ -117,7 +109,7 @@ def test_a_row_sparse_optimizer_steps_the_weight_densely_as_adam_does():
     for name, make in (("adam", torch.optim.Adam), ("rows", RowSparseAdam)):
         layer = MePropHFConv1D.wrap(copy.deepcopy(conv), 3)
         optimizer = make(layer.parameters(), lr=0.1)
-        _grads(layer, x, weights)
+        _run(layer, x, weights)
         optimizer.step()
         params[name] = layer.weight.detach().clone()
     moved = (params["rows"] != conv.weight).any(0)

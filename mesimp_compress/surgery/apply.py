@@ -63,7 +63,7 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, _Target]:
         if pruner is None:
             raise PlanError(
                 f"module '{edit.module}' is a {type(module).__name__}; no pruner for that kind "
-                "(supported: Linear, Conv1d, Conv2d, BatchNorm, LSTM)"
+                "(supported: Linear, Conv1d, Conv2d, Hugging Face Conv1D, BatchNorm, LSTM)"
             )
         if type_name(module) != edit.kind:
             raise PlanError(

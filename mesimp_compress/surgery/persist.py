@@ -9,7 +9,6 @@ leaves a half-written file under the final name.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, PlanError
-from ..outputs import usual_mode
+from ..outputs import write_synced
 from ..plan import Plan
 from ..spec import read_weights
 from .apply import apply_plan
@@ -26,29 +25,14 @@ PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "weights.pt"
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    usual_mode(tmp)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_compressed(model: nn.Module, plan: Plan, directory: str | os.PathLike[str]) -> Path:
     """Write ``plan.json`` and ``weights.pt`` of ``model`` (shrunk by ``plan``) to a folder."""
     plan.validate()
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    _write_atomic(folder / WEIGHTS_FILE, lambda h: torch.save(state, h))
-    _write_atomic(folder / PLAN_FILE, lambda h: h.write(plan.to_json().encode("utf-8")))
+    write_synced(folder / WEIGHTS_FILE, lambda h: torch.save(state, h))
+    write_synced(folder / PLAN_FILE, lambda h: h.write(plan.to_json().encode("utf-8")))
     return folder
 
 
