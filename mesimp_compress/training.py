@@ -503,6 +503,7 @@ class FineTuner:
                 "window": self.window_index,
                 "step": self.step,
                 "plan": self.simp.plan.to_dict(),
+                "notes": list(self.simp.surgery_notes),
                 "model": _cpu_state(self.model),
                 "optimizer": self.optimizer.state_dict(),
                 "tracker": self.tracker.state_dict(),
@@ -538,6 +539,8 @@ class FineTuner:
         self._unwrap()  # DDP holds the full-size model's buckets: let them go
         pristine = copy.deepcopy(self.model) if state.get("guard") else None
         self.simp.replay(self.model, Plan.from_dict(state["plan"]))
+        if "notes" in state:  # what the prunes before the interruption could not do
+            self.simp.surgery_notes = list(state["notes"])
         self.model.load_state_dict(state["model"])
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])

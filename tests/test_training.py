@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import _tiny
@@ -397,3 +398,37 @@ def test_an_endless_stream_resumes_after_an_interrupt_in_a_later_epoch(tmp_path)
                           checkpoint_dir=tmp_path, resume=True)
     assert [(r.step, r.loss, r.widths) for r in resumed.history] == [
         (r.step, r.loss, r.widths) for r in reference.history]
+
+
+def test_a_resumed_run_keeps_the_notes_of_the_prunes_before_the_interruption(tmp_path) -> None:
+    """A consumer without a bias cannot take its removed inputs' mean: the note of a prune
+    made before Ctrl-C is still said at the end of the resumed run."""
+    import mesimp_compress as mc
+
+    train, evaluation = _tiny.mlp_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24, bias=False),
+                          nn.ReLU(), nn.Linear(24, 4))
+    cfg = dict(BASE, k=6, window=0.25, compensate="mean")
+
+    def notes_of(**kwargs) -> list[str]:
+        said: list[str] = []
+
+        def sink(event: Event) -> None:
+            if event.kind == "note":
+                said.append(event.data["message"])
+
+        mc.compress(copy.deepcopy(model), train, evaluation, config=cfg, sink=sink, **kwargs)
+        return said
+
+    reference = notes_of()
+    assert reference == ["'2' is not compensated: it has no bias to fold the removed inputs into"]
+
+    def stop(event: Event) -> None:  # in the normal epoch, after the last prune
+        if event.kind == "checkpoint" and event.data["epoch"] == 1 and event.data["batch"]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mc.compress(copy.deepcopy(model), train, evaluation, config=cfg, checkpoint_dir=tmp_path,
+                    sink=stop)
+    assert notes_of(checkpoint_dir=tmp_path, resume=True) == reference
