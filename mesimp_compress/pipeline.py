@@ -46,6 +46,7 @@ class OriginalProof:
     batches: list[tuple[torch.Tensor, ...]]  # the parity inputs (the compressed model's too)
     where: list[str]  # how errors name them
     axes: list[dict[int, str]] | None = None  # dynamic axes beyond the defaults, if any
+    sizes: list[Any] | None = None  # the file's parameter counts per module (LayerSize)
 
 
 def prove_original(
@@ -63,6 +64,7 @@ def prove_original(
     from .batches import user_code
     from .export import export_onnx
     from .inputs import observed_axes
+    from .sizes import onnx_layer_sizes
     from .verify import check_parity, evaluate_onnx, make_session, parity_inputs
 
     emit(sink, "stage", message="exporting and checking the original model (before fine-tuning)")
@@ -83,6 +85,7 @@ def prove_original(
                     with user_code("the model", name):
                         before(*batch)
         raise
+    sizes = onnx_layer_sizes(path, before)  # a file the size proof cannot read fails now
     session = make_session(path)
     try:
         parity = check_parity(
@@ -101,7 +104,7 @@ def prove_original(
     with torch.no_grad():
         like = before(*inputs)  # ORT's flat outputs go to the metric in this structure
     value = evaluate_onnx(session, eval_data, metric, input_names=exported.input_names, like=like)
-    return OriginalProof(exported, parity, value, batches, names, axes)
+    return OriginalProof(exported, parity, value, batches, names, axes, sizes)
 
 
 def export_and_verify(
@@ -187,6 +190,7 @@ def _prove(
             original_onnx=paths[ORIGINAL],
             original_model=before,
             plan=plan,
+            original_sizes=proof.sizes,
         )
 
         emit(sink, "stage", message="checking parity in onnxruntime")

@@ -30,8 +30,11 @@ reported ``"folded"`` have; that is a ``"match"`` whose surplus ``folded_in`` re
 may hold fewer elements than in PyTorch where the exporter computed a constant from its
 parameters (``"computed"``): a Linear applied only to a parameter (DeBERTa's
 relative-position projections), weight normalisation's ``g`` and ``v`` stored as the one
-weight they make; that is taken only from a file of the dynamo exporter (which keeps
-parameter names) holding none of the module's parameters by name. Anything else is a
+weight they make, a parameter scaled by a constant in ``forward``; that is taken only from a
+file of the dynamo exporter (which keeps parameter names) holding none of the module's
+parameters by name, or holding by name exactly those it keeps at their sizes, with a tensor
+of each other one's size that no module holds. Equal parameters of one
+module stored once (two zero-initialised offsets) are a ``"match"``. Anything else is a
 ``"mismatch"`` and a :class:`SizeError`. The compressed PyTorch model is the truth.
 """
 
@@ -109,13 +112,13 @@ def onnx_layer_sizes(
     )
     owner: dict[str, set[str]] = {}  # initializer -> modules it counts for
     held: dict[str, set[str]] = {}  # module -> initializers holding its parameters (name, value)
-    found: set[str] = set()  # parameters accounted for
+    found: dict[str, str] = {}  # parameter -> the initializer holding it (by name or value)
 
     for name in arrays:  # 1. by name
         if name in params:
             owner.setdefault(name, set()).add(params[name][0])
             held.setdefault(params[name][0], set()).add(name)
-            found.add(name)
+            found[name] = name
     named = set(found)
     products = _fold_products(proto, arrays, owner, buffers)  # 2. created by folding
     for iname, module_name in products.items():
@@ -139,7 +142,7 @@ def onnx_layer_sizes(
             if np.array_equal(sorted_cache[iname], values):
                 owner.setdefault(iname, set()).add(module_name)
                 held.setdefault(module_name, set()).add(iname)
-                found.add(pname)
+                found[pname] = iname
                 break
     waiting = {params[p][0] for p in params if p not in found}
     if waiting:  # 4. by the scope of the consuming nodes
@@ -150,6 +153,8 @@ def onnx_layer_sizes(
             if module_name is not None:
                 owner.setdefault(iname, set()).add(module_name)
 
+    # float tensors of the file no module holds: constants computed from parameters
+    unowned = Counter(int(a.size) for n, a in arrays.items() if n not in owner and n not in buffers)
     per_module: dict[str, dict[str, list[int]]] = {}
     for iname, modules in owner.items():
         for m in modules:
@@ -177,13 +182,23 @@ def onnx_layer_sizes(
             distinct = _distinct_elements(shapes, arrays)
             if distinct == count:
                 status, in_onnx = MATCH, distinct
+        if status == MISMATCH and in_onnx < count and _held_once(own, found, shapes):
+            # equal parameters of one module (two zero-initialised offsets, a learned h0 and
+            # c0) stored once: every parameter is in the file
+            status, in_onnx = MATCH, count
         if status == MISMATCH:
             extra = _surplus(own, found, shapes, held.get(module_name, set()), products)
             if extra is not None:
                 status, surplus[module_name] = MATCH, extra
-        if status == MISMATCH and in_onnx < count and keeps_names and not named & own.keys():
+        by_name = named & own.keys()
+        if status == MISMATCH and in_onnx < count and keeps_names and (
+            not by_name or _only_own_sizes(own, by_name, shapes)
+            and _computed_from(own, by_name, unowned)
+        ):
             # the exporter computed constants from parameters it did not keep (found by value,
-            # if at all, only by chance: a zero bias equal to another's, weight_norm's v)
+            # if at all, only by chance: a zero bias equal to another's, weight_norm's v), or
+            # from some of them, holding the rest by name at their own sizes (an offset
+            # scaled by a constant in forward, folded into one new tensor)
             status = COMPUTED
         sizes.append(
             LayerSize(
@@ -216,16 +231,20 @@ def check_shrunk(
     original_onnx: str | os.PathLike[str] | None = None,
     original_model: nn.Module | None = None,
     plan: Any = None,
+    original_sizes: list[LayerSize] | None = None,
 ) -> list[LayerSize]:
     """Prove that the compressed ONNX file holds exactly the compressed model, that the model
     has the widths ``plan`` gives, and that every layer the plan shrinks (and the file as a
-    whole) is smaller than in the original; SizeError naming the first layer that is not."""
+    whole) is smaller than in the original; SizeError naming the first layer that is not.
+    ``original_sizes``: :func:`onnx_layer_sizes` of the original file, if already taken."""
     sizes = onnx_layer_sizes(onnx_path, model)
     edited = _check_plan(model, plan) if plan is not None else set()
     before = {}
     if original_model is not None:
         if original_onnx is not None:
-            before = {s.name: s for s in onnx_layer_sizes(original_onnx, original_model)}
+            if original_sizes is None:
+                original_sizes = onnx_layer_sizes(original_onnx, original_model)
+            before = {s.name: s for s in original_sizes}
         else:
             before = {
                 n: LayerSize(
@@ -277,6 +296,31 @@ def check_shrunk(
 
 
 # ---------------------------------------------------------------------- helpers
+def _only_own_sizes(own: dict[str, Any], by_name: set[str], shapes: dict[str, list[int]]) -> bool:
+    """Whether a module holds exactly the parameters named ``by_name``, each at its size."""
+    return set(shapes) == by_name and all(shapes[n] == list(own[n].shape) for n in by_name)
+
+
+def _computed_from(own: dict[str, Any], by_name: set[str], unowned: Counter) -> bool:
+    """Whether each parameter the file lacks by name has a tensor of its size that no module
+    holds (computed from it elementwise: scaled, negated); each such tensor is taken once."""
+    left = Counter(unowned)
+    for name, param in own.items():
+        if name in by_name:
+            continue
+        if left[param.numel()] == 0:
+            return False
+        left[param.numel()] -= 1
+    return True
+
+
+def _held_once(own: dict[str, Any], found: dict[str, str], shapes: dict[str, list[int]]) -> bool:
+    """Whether every parameter of a module is held, some of them by one initializer the
+    exporter kept for several equal ones, and the module holds nothing else."""
+    holders = [found.get(name) for name in own]
+    return None not in holders and set(holders) == set(shapes) and len(shapes) < len(holders)
+
+
 def _zero(param: Any) -> bool:
     return param.numel() > 0 and not bool(param.detach().any())
 

@@ -157,6 +157,24 @@ def test_an_original_that_cannot_be_exported_fails_before_fine_tuning(tmp_path, 
     assert list(tmp_path.iterdir()) == []  # no folder, no staging, no checkpoint
 
 
+def test_an_original_file_the_size_proof_cannot_read_fails_before_fine_tuning(
+    tmp_path, data, monkeypatch
+) -> None:
+    """The size proof of original.onnx runs with its export, not after the fine-tune."""
+    from mesimp_compress import sizes
+    from mesimp_compress.errors import SizeError
+
+    def unreadable(path, model, **kwargs):
+        raise SizeError(f"{path.name} does not hold the model's layers")
+
+    monkeypatch.setattr(sizes, "onnx_layer_sizes", unreadable)
+    events: list = []
+    with pytest.raises(SizeError, match="original.onnx does not hold"):
+        api.compress(_tiny.mlp(), *data, config=CFG, out=tmp_path / "out", sink=events.append)
+    assert not {"baseline", "step", "window"} & {e.kind for e in events}
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("spoil", "message"),
     [

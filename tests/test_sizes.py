@@ -432,3 +432,33 @@ def test_a_module_called_twice_and_stored_per_call_counts_once(tmp_path):
     onnx.save(proto, str(path))
     with pytest.raises(SizeError, match="'lstm'"):
         onnx_layer_sizes(path, model)
+
+
+class _Offsets(nn.Module):
+    """Two learned offsets on the logits, zero at the start: equal, so stored once; the second
+    is scaled in forward, so trained apart it becomes a computed constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.head = nn.Module()
+        self.head.shift = nn.Parameter(torch.zeros(3))
+        self.head.scaled = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return self.fc(x) + self.head.shift + self.head.scaled * 0.5
+
+
+def test_equal_parameters_stored_once_and_scaled_ones_folded_are_not_a_mismatch(tmp_path):
+    torch.manual_seed(0)
+    model = _Offsets().eval()
+    path = export_onnx(model, (torch.randn(2, 8),), tmp_path / "equal.onnx").path
+    head = _by_name(onnx_layer_sizes(path, model))["head"]
+    assert (head.params, head.onnx_params, head.status) == (6, 6, MATCH)
+    with torch.no_grad():
+        model.head.shift.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        model.head.scaled.copy_(torch.tensor([0.4, 0.5, -0.6]))
+    path = export_onnx(model, (torch.randn(2, 8),), tmp_path / "apart.onnx").path
+    head = _by_name(onnx_layer_sizes(path, model))["head"]
+    assert (head.params, head.onnx_params, head.status) == (6, 3, COMPUTED)
+    assert head.onnx_shapes == {"head.shift": [3]}
