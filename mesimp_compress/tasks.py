@@ -100,7 +100,8 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float
 
 
 def distillation(student: Any, teacher: Any, targets: Any, temperature: float) -> torch.Tensor:
-    """Match the original model's outputs: soft-label KL for logits, MSE otherwise.
+    """Match the original model's outputs: soft-label KL for logits (the Bernoulli KL of a
+    single logit), MSE otherwise.
 
     Logits are recognised as float outputs whose leading dims match integer targets; padding
     positions (target -100) are skipped. A structured output (tuple, list, dict) is matched
@@ -144,6 +145,12 @@ def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
     s, t = s[keep], t[keep]
     if s.numel() == 0:
         return student.sum() * 0.0
+    if s.shape[-1] == 1:  # one logit (a binary classifier): KL between the two Bernoullis,
+        q = torch.sigmoid(t / temperature)  # softmax over one class would be 0 always
+        s, t = s / temperature, t / temperature
+        kl = (F.binary_cross_entropy_with_logits(s, q, reduction="sum")
+              - F.binary_cross_entropy_with_logits(t, q, reduction="sum"))
+        return kl / s.shape[0] * temperature**2
     log_p = F.log_softmax(s / temperature, dim=-1)
     q = F.softmax(t / temperature, dim=-1)
     return F.kl_div(log_p, q, reduction="batchmean") * temperature**2

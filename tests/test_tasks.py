@@ -164,3 +164,17 @@ def test_a_batch_of_padding_only_has_a_zero_loss_that_still_backpropagates():
 def test_a_segmentation_target_with_a_channel_dim_of_one_is_named():
     with pytest.raises(ShapeError, match=r"\(B, C, H, W\) with \(B, H, W\).*squeeze it"):
         tasks.cross_entropy(torch.zeros(2, 3, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.long))
+
+
+def test_distillation_of_a_single_logit_is_the_kl_of_the_two_bernoullis():
+    """A binary classifier's one logit (B, 1) with 0/1 targets: a softmax over one class
+    would make the loss 0 whatever the student says."""
+    student = torch.tensor([[0.5], [-1.0], [2.0]])
+    teacher = torch.tensor([[1.5], [-1.0], [0.0]])
+    targets = torch.tensor([1, 0, 1])
+    p, q = torch.sigmoid(student / 2), torch.sigmoid(teacher / 2)
+    by_hand = (q * (q / p).log() + (1 - q) * ((1 - q) / (1 - p)).log()).sum() / 3 * 4
+    got = tasks.distillation(student, teacher, targets, temperature=2.0)
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert got.item() > 0.01
+    assert tasks.distillation(teacher, teacher, targets, 2.0).item() == pytest.approx(0, abs=1e-7)
