@@ -20,7 +20,7 @@ import copy
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class OriginalProof:
     where: list[str]  # how errors name them
     axes: list[dict[int, str]] | None = None  # dynamic axes beyond the defaults, if any
     sizes: list[Any] | None = None  # the file's parameter counts per module (LayerSize)
+    notes: list[str] = field(default_factory=list)  # what the proof could not check
 
 
 def prove_original(
@@ -73,7 +74,10 @@ def prove_original(
     before.eval()
     inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     path = output.file("original.onnx")
-    batches, names = parity_inputs(eval_data, max_batches=3, resize_to=(1,))
+    batches, names = parity_inputs(eval_data, max_batches=3, resize_to=())
+    notes = _resized_batch(before, batches, names)
+    for note in notes:
+        emit(sink, "note", message=note)
     axes = observed_axes(inputs, batches)  # e.g. float sequences padded per batch
     try:
         exported = export_onnx(before, inputs, path, opset=cfg.opset, dynamic_axes=axes,
@@ -104,7 +108,35 @@ def prove_original(
     with torch.no_grad():
         like = before(*inputs)  # ORT's flat outputs go to the metric in this structure
     value = evaluate_onnx(session, eval_data, metric, input_names=exported.input_names, like=like)
-    return OriginalProof(exported, parity, value, batches, names, axes, sizes)
+    return OriginalProof(exported, parity, value, batches, names, axes, sizes, notes)
+
+
+def _resized_batch(model: nn.Module, batches: list[tuple[Any, ...]], names: list[str]) -> list[str]:
+    """Add the first eval batch resized to batch 1 (else 2) to the parity inputs, so that the
+    file's dynamic batch axis is checked at a size of the proof's own choosing; a model that
+    cannot run at either (BatchNorm on batch statistics needs two examples) is checked at its
+    eval batches' sizes only, which the returned note says."""
+    from .batches import batch_size
+    from .inputs import resize_inputs
+
+    tried = []
+    for size in (1, 2):
+        if size == batch_size(batches[0]):
+            continue
+        resized = resize_inputs(batches[0], size)
+        try:
+            with torch.no_grad():
+                model(*resized)
+        except Exception as exc:  # noqa: BLE001 - the model's own limit, said in the note
+            tried.append(f"{size} ({type(exc).__name__})")
+            continue
+        batches.append(resized)
+        names.append(f"{names[0]} resized to batch {size}")
+        return []
+    if not tried:
+        return []
+    return [f"the model does not run on {names[0]} resized to batch {' or '.join(tried)}: "
+            "the ONNX files' batch axis is checked at the eval batches' own sizes only"]
 
 
 def export_and_verify(
@@ -281,7 +313,7 @@ def _prove(
         latency=latency,
         export=exports,
         skipped=skipped,
-        notes=tuned.notes,
+        notes=[*proof.notes, *tuned.notes],
         bench_threads=threads,
         status="failed" if failed else "ok",
         error=error,

@@ -595,3 +595,32 @@ def test_a_depthwise_block_is_compressed_and_its_activity_follows_the_prune(tmp_
     rebuilt = mc.load(build(), tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(rebuilt(x), result.model.eval()(x))
+
+
+def _batch_statistics_mlp() -> torch.nn.Module:
+    """BatchNorm on batch statistics in eval too: it runs on two or more examples only."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32, track_running_stats=False),
+                         nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+def test_the_batch_axis_is_checked_at_two_when_the_model_needs_two_examples(data) -> None:
+    from mesimp_compress.pipeline import _resized_batch
+
+    model = _batch_statistics_mlp().eval()
+    batches, names = [(torch.randn(8, 12),)], ["eval batch 1"]
+    assert _resized_batch(model, batches, names) == []
+    assert names[1] == "eval batch 1 resized to batch 2" and batches[1][0].shape == (2, 12)
+    assert torch.equal(batches[1][0], batches[0][0][:2])
+    batches, names = [(torch.randn(2, 12),)], ["eval batch 1"]  # 2 is its own size: 1 fails
+    assert _resized_batch(model, batches, names) == [
+        "the model does not run on eval batch 1 resized to batch 1 (ValueError): the ONNX "
+        "files' batch axis is checked at the eval batches' own sizes only"]
+    assert len(batches) == 1
+
+
+def test_a_model_that_needs_two_examples_per_batch_is_compressed(tmp_path, data) -> None:
+    result = mc.compress(_batch_statistics_mlp(), *data, config=CFG, out=tmp_path / "out")
+    assert result.report["status"] == "ok" and result.report["notes"] == []
+    assert result.widths["0"] < 32
