@@ -197,8 +197,15 @@ def metric_value(
     return total, count
 
 
-def mean_of(total: float, count: float) -> float:
-    """The metric over the eval data: its summed values over the examples it counted."""
+def mean_of(total: float, count: float, batches: int | None = None) -> float:
+    """The metric over the eval data: its summed values over the examples it counted
+    (``batches``: how many the data gave this time)."""
+    if batches == 0:
+        raise DataError(
+            "the eval data gave no batches this time (it is read on every evaluation: an "
+            "object whose __iter__ returns the same iterator is empty after its first pass); "
+            "pass a list or a DataLoader"
+        )
     if count <= 0:
         raise DataError(
             f"the metric counted {count:g} examples over the whole eval data (every batch "

@@ -96,6 +96,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
     was_training = model.training
     model.eval()
     total = count = 0.0
+    batches = 0
     try:
         for i, batch in enumerate(iterate(data, where="eval data")):
             inputs, targets = split_batch(batch, where="eval data")
@@ -109,9 +110,10 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
             s, c = tasks.metric_value(value, batch_size(inputs), where=where)
             total += s
             count += c
+            batches += 1
     finally:
         model.train(was_training)
-    return tasks.mean_of(total, count)
+    return tasks.mean_of(total, count, batches)
 
 
 class FineTuner:

@@ -299,6 +299,7 @@ def evaluate_onnx(
     session = session_of(onnx_model)
     metric = metric or tasks.accuracy
     total = count = 0.0
+    batches = 0
     for i, batch in enumerate(iterate(data, where="eval data")):
         inputs, targets = split_batch(batch, where="eval data")
         flat = run_onnx(session, inputs, input_names, where=f"eval batch {i + 1}")
@@ -313,7 +314,8 @@ def evaluate_onnx(
         s, c = tasks.metric_value(value, batch_size(inputs), where=where)
         total += s
         count += c
-    return tasks.mean_of(total, count)
+        batches += 1
+    return tasks.mean_of(total, count, batches)
 
 
 def evaluate_torch(model: nn.Module, data: Iterable[Any], metric: Any = None) -> float:

@@ -287,6 +287,20 @@ def test_a_one_shot_eval_iterator_is_refused_before_it_is_read(data) -> None:
     assert len(list(batches)) == len(data[1])  # nothing was consumed
 
 
+def test_eval_data_that_is_empty_after_its_first_pass_is_named_not_the_metric(data) -> None:
+    class Once:
+        """Re-iterable in appearance: __iter__ returns one shared iterator."""
+
+        def __init__(self, batches):
+            self.it = iter(batches)
+
+        def __iter__(self):
+            return self.it
+
+    with pytest.raises(mc.DataError, match="^the eval data gave no batches this time"):
+        mc.compress(_tiny.mlp(), data[0], Once(data[1]), config=CFG)
+
+
 def test_a_nan_metric_is_a_data_error_naming_the_batch(data) -> None:
     calls = {"n": 0}
 
