@@ -163,6 +163,7 @@ def _run(
         del tuner  # its DDP wrapper must go before the process group does
         distributed.teardown(world, together=True)  # only rank 0 goes on to export
         plan = simplifier.final_plan()
+        tuned.model.train(model.training)  # in the caller's mode, as they gave it
         result = CompressResult(
             model=tuned.model,
             plan=plan,

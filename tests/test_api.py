@@ -92,6 +92,14 @@ def test_the_callers_model_is_unchanged(run) -> None:
     assert type(model[0]) is torch.nn.Linear and not model[0]._forward_pre_hooks
 
 
+def test_the_compressed_model_comes_back_in_the_callers_mode(data) -> None:
+    for training in (False, True):
+        model = _tiny.mlp().train(training)
+        result = mc.compress(model, *data, config=CFG)
+        assert result.model.training is training
+        assert all(m.training is training for m in result.model.modules())
+
+
 @pytest.mark.slow
 def test_same_seed_gives_the_same_plan_and_metrics(run, data) -> None:
     _, first, _ = run
