@@ -480,6 +480,31 @@ def test_unsupported_layer_kinds_are_reported() -> None:
     assert structure.groups == {}
 
 
+class Cells(nn.Module):
+    """Layers with units of their own run step by step or on two inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(4, 6)
+        self.bil = nn.Bilinear(6, 6, 5)
+        self.cell = nn.LSTMCell(5, 7)
+        self.gru_cell = nn.GRUCell(7, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        u = torch.relu(self.bil(*(torch.relu(self.up(x)),) * 2))
+        h, _ = self.cell(u)
+        return self.out(self.gru_cell(h))
+
+
+def test_cells_and_bilinear_layers_are_reported_as_unsupported() -> None:
+    structure = find_groups(Cells(), torch.randn(3, 4))
+    for name, kind in (("bil", "Bilinear"), ("cell", "LSTMCell"), ("gru_cell", "GRUCell")):
+        assert structure.reason(name) == f"layer kind {kind} is not supported"
+    assert "op 'bilinear' is not understood" in structure.reason("up")
+    assert structure.groups == {}
+
+
 class ExplicitState(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -215,7 +215,10 @@ _RULES: list[tuple[type[nn.Module], ModuleRule]] = [
 _HF_CONV1D = HFConv1DRule()  # matched by name (transformers is never imported here)
 PRODUCER_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM)
 # Layers with units of their own that this toolkit does not prune (reported, not traced into).
-UNSUPPORTED_KINDS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.GRU, nn.RNN)
+UNSUPPORTED_KINDS = (
+    nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.GRU, nn.RNN,
+    nn.LSTMCell, nn.GRUCell, nn.RNNCell, nn.Bilinear,
+)
 
 
 def producer(module: nn.Module) -> bool:
