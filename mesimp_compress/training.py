@@ -199,7 +199,7 @@ class FineTuner:
         remove_meprop(self.model)
         self.simp.detach_means(self.model)
         metric_after = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
-        notes = self.simp.notes()
+        notes = self.simp.notes() + self._unseen_notes()
         for note in notes:
             emit(self.sink, "note", message=note)
         emit(
@@ -479,6 +479,17 @@ class FineTuner:
         if self.net is not self.model:
             self.net = self.model
             gc.collect()
+
+    def _unseen_notes(self) -> list[str]:
+        """Layers meProp never counted: no gradient reached them while pruning (frozen, with
+        nothing before them trained), so they kept every unit."""
+        seen = self.simp.total_examples(self.tracker)
+        return [
+            f"'{key}' kept every unit: no gradient reached it while pruning (its parameters "
+            "are frozen and nothing before it trains), so meProp counted no activity"
+            for key in self.simp.prunable_keys()
+            if not seen.get(key)
+        ]
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, epoch: int, batch: int) -> None:

@@ -432,3 +432,24 @@ def test_a_resumed_run_keeps_the_notes_of_the_prunes_before_the_interruption(tmp
         mc.compress(copy.deepcopy(model), train, evaluation, config=cfg, checkpoint_dir=tmp_path,
                     sink=stop)
     assert notes_of(checkpoint_dir=tmp_path, resume=True) == reference
+
+
+def test_a_frozen_first_layer_that_no_gradient_reaches_is_noted_not_silently_kept() -> None:
+    import mesimp_compress as mc
+
+    train, evaluation = _tiny.mlp_data()
+    said: list[str] = []
+    results = {}
+    for frozen in ("0", "2"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(),
+                              nn.Linear(24, 4))
+        getattr(model, frozen).requires_grad_(False)
+        results[frozen] = mc.compress(
+            model, train, evaluation, config=dict(BASE, k=6, window=0.25),
+            sink=lambda e: said.append(e.data["message"]) if e.kind == "note" else None,
+        ).widths
+    assert results["0"]["0"] == 32 and results["0"]["2"] < 24
+    assert results["2"]["0"] < 32 and results["2"]["2"] < 24  # a gradient passes through it
+    assert said == ["'0' kept every unit: no gradient reached it while pruning (its parameters "
+                    "are frozen and nothing before it trains), so meProp counted no activity"]
