@@ -355,10 +355,23 @@ def _check_forward(
         raise DataError("the model's outputs on the first train batch hold NaN values")
     try:
         value = (loss or tasks.cross_entropy)(outputs, targets)
-        tasks.metric_value((metric or tasks.accuracy)(outputs, targets), 1,
-                           where="the first train batch")
+    except ShapeError as exc:
+        if loss is not None:
+            raise
+        raise ShapeError(f"the default loss (cross-entropy over class scores): {exc}") from None
     except MesimpError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever the user's loss or metric raises
-        raise ShapeError(f"loss/metric failed on the first batch: {describe(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the user's loss raises
+        raise ShapeError(f"the loss failed on the first train batch: {describe(exc)}") from None
+    try:
+        tasks.metric_value((metric or tasks.accuracy)(outputs, targets), 1,
+                           where="the first train batch")
+    except ShapeError as exc:
+        if metric is not None:
+            raise
+        raise ShapeError(f"the default metric (accuracy over class scores): {exc}") from None
+    except MesimpError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the user's metric raises
+        raise ShapeError(f"the metric failed on the first train batch: {describe(exc)}") from None
     tasks.check_loss(value, "the first train batch", differentiable=False)

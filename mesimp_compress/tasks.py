@@ -43,7 +43,9 @@ def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     if logits is not None:
         return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     hint = ""
-    if targets.dim() == outputs.dim() and targets.dim() > 1 and targets.shape[1] == 1:
+    if targets.is_floating_point():
+        hint = "; the targets are floats (a regression?): pass loss= and metric= for it"
+    elif targets.dim() == outputs.dim() and targets.dim() > 1 and targets.shape[1] == 1:
         hint = "; the targets have a dim of size 1 after the batch: squeeze it"
     raise ShapeError(
         f"model output {tuple(outputs.shape)} does not fit targets {tuple(targets.shape)}: "
@@ -68,7 +70,10 @@ def _classes_last(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor 
 def _classes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Class targets as int64; ShapeError for float targets or a class the logits lack."""
     if labels.dtype.is_floating_point or labels.is_complex():
-        raise ShapeError(f"class targets must be integers, got {labels.dtype}")
+        raise ShapeError(
+            f"class targets must be integers, got {labels.dtype} (for a regression or another "
+            "task, pass loss= and metric=)"
+        )
     labels = labels.long()  # int32, uint8, bool, ... as torch's losses want them
     real = labels[labels != IGNORE_INDEX]
     if real.numel() and (int(real.min()) < 0 or int(real.max()) >= logits.shape[-1]):

@@ -280,12 +280,29 @@ def test_a_loss_that_cannot_train_on_a_later_batch_is_a_data_error(data, kind, s
 
 @pytest.mark.parametrize("error", [KeyError("logits"), AttributeError("x"), AssertionError()])
 def test_any_failure_of_the_first_batch_checks_is_typed(data, error) -> None:
-    def loss(outputs, targets):
+    def fails(outputs, targets):
         raise error
 
-    with pytest.raises(mc.ShapeError, match=f"loss/metric failed on the first batch: "
-                                            f"{type(error).__name__}"):
-        mc.compress(_tiny.mlp(), *data, config=CFG, loss=loss)
+    for role in ("loss", "metric"):
+        with pytest.raises(mc.ShapeError, match=f"^the {role} failed on the first train batch: "
+                                                f"{type(error).__name__}"):
+            mc.compress(_tiny.mlp(), *data, config=CFG, **{role: fails})
+
+
+def test_regression_targets_with_the_default_metric_name_it_and_the_cure(data) -> None:
+    train = [(x, x[:, :1]) for x, _ in data[0]]
+
+    def mse(outputs, targets):
+        return torch.nn.functional.mse_loss(outputs[:, :1], targets)
+
+    with pytest.raises(mc.ShapeError, match=r"^the default metric \(accuracy over class "
+                                            r"scores\): .*the targets are floats \(a "
+                                            r"regression\?\): pass loss= and metric="):
+        mc.compress(_tiny.mlp(), train, train, config=CFG, loss=mse)
+    with pytest.raises(mc.ShapeError, match=r"^the default loss \(cross-entropy over class "
+                                            r"scores\): class targets must be integers, got "
+                                            r"torch.float32 \(for a regression"):
+        mc.compress(_tiny.mlp(), [(x, y.float()) for x, y in data[0]], data[1], config=CFG)
 
 
 def test_a_one_shot_eval_iterator_is_refused_before_it_is_read(data) -> None:
