@@ -121,6 +121,10 @@ def compress(
         help="What the next layer reads instead of removed units: off, mean (into its bias) "
         "or linear (least-squares prediction from the kept units, into its weight and bias).",
     ),
+    batch_dim: int | None = typer.Option(
+        None, "--batch-dim",
+        help="The inputs' dim that indexes examples: 0, or 1 for time-major (T, B, ...) inputs.",
+    ),
     bench_seq: int | None = typer.Option(
         None, "--bench-seq", help="Sequence length of the latency benchmark (default: the data's)."
     ),
@@ -189,6 +193,7 @@ def compress(
         "sparse_update": sparse_update,
         "compensate": compensate,
         "bench_seq": bench_seq,
+        "batch_dim": batch_dim,
     }
     values.update({key: v for key, v in flags.items() if v is not None})
     cfg = CompressConfig.from_dict(values, source=str(config) if config else "flags")

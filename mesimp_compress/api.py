@@ -19,6 +19,7 @@ from .batches import check_reiterable, first_batch, has_nan, nan_input, to_devic
 from .config import CompressConfig, read_toml
 from .errors import CheckpointError, ConfigError, DataError, MesimpError, ShapeError, describe
 from .events import EventSink, emit
+from .inputs import batch_axis
 from .modelcheck import check_model, copy_failed, unwrap
 from .outputs import OutputDir
 from .simplify import Simplifier
@@ -122,7 +123,8 @@ def _run(
     check_reiterable(train, where="train data")
     check_reiterable(eval_data, where="eval data")
     example_inputs, example_targets = first_batch(train, where="train data")
-    if any(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 0 for x in example_inputs):
+    if any(isinstance(x, torch.Tensor) and x.dim() and x.shape[batch_axis(x, cfg.batch_dim)] == 0
+           for x in example_inputs):
         raise DataError("the first train batch has no examples: the model is traced and "
                         "exported on it, so it must hold at least one")
     first_batch(eval_data, where="eval data")

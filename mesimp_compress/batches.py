@@ -99,11 +99,12 @@ def nan_input(inputs: tuple[Any, ...]) -> int | None:
     return next((i for i, x in enumerate(inputs) if has_nan(x)), None)
 
 
-def batch_size(inputs: tuple[Any, ...]) -> int:
-    """Leading dimension of the first tensor input."""
+def batch_size(inputs: tuple[Any, ...], batch_dim: int = 0) -> int:
+    """Examples in a batch: the size of dim ``batch_dim`` of the first tensor input (dim 0 of
+    a 1-D one)."""
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return int(x.shape[0])
+            return int(x.shape[batch_dim if x.dim() > batch_dim else 0])
     return 1
 
 

@@ -105,6 +105,12 @@ class CompressConfig:
     greater_is_better: bool = True
     """Whether a higher metric is better (accuracy, cosine) or a lower one (error, loss,
     perplexity): the direction max_drop measures a drop in."""
+    batch_dim: int = 0
+    """The dim of the model's inputs that indexes examples: 0 (batch first) or 1 (time-major
+    sequences (T, B, ...), as nn.LSTM / nn.GRU / nn.Transformer take them by default). Metrics
+    weigh batches by it, and the ONNX files take any size of it; a 1-D input (lengths) has
+    its batch at dim 0 either way. (meProp's per_example mode takes the examples of a Linear
+    from dim 0 of its input, positions from the rest.)"""
     device: str = "cpu"
     """Where to fine-tune: "cpu", "cuda", "cuda:N" (or a torch.device)."""
     threads: int | None = None
@@ -163,6 +169,7 @@ class CompressConfig:
             )
         _int_min("min_width", self.min_width, 1)
         _int_min("round_to", self.round_to, 1)
+        _int_min("batch_dim", self.batch_dim, 0, 1)
         _range("distill", self.distill, 0.0, math.inf, low_open=False)
         _range("temperature", self.temperature, 0.0, math.inf, low_open=True)
         _range("layer_weight", self.layer_weight, 0.0, math.inf, low_open=False)
@@ -280,6 +287,7 @@ _INT_KEYS = {
     "recovery_epochs",
     "min_width",
     "round_to",
+    "batch_dim",
     "recovery_windows",
     "threads",
     "seed",

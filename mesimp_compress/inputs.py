@@ -3,7 +3,9 @@
 A model is called as ``model(*inputs)``. Each input's dynamic axes are a map ``{dim: name}``;
 the names ``"batch"`` and ``"seq"`` are shared across inputs, so token ids and their attention
 mask get one batch and one sequence axis. By default dim 0 of every input is the batch and
-dim 1 of a 2-D integer input (token ids, masks) the sequence. Inputs for another batch size or
+dim 1 of a 2-D integer input (token ids, masks) the sequence; with ``batch_dim=1`` (time-major
+inputs) dim 1 is the batch, dim 0 of 2-D token ids the sequence, and a 1-D input (lengths)
+keeps its batch at dim 0. Inputs for another batch size or
 sequence length are made by repeating or slicing the given ones, so integer ids stay valid.
 """
 
@@ -48,45 +50,56 @@ def on_device_of(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torc
     return tuple(x.to(device) for x in inputs)
 
 
-def default_dynamic_axes(inputs: Sequence[torch.Tensor]) -> list[dict[int, str]]:
-    """Dim 0 of every input is the batch; dim 1 of a 2-D integer input is the sequence, and
-    so is dim 1 of a 2-D bool input as long as such token ids (its padding mask)."""
+def batch_axis(x: torch.Tensor, batch_dim: int = 0) -> int:
+    """The dim of input ``x`` that indexes examples: ``batch_dim``, or 0 for a 1-D input."""
+    return batch_dim if x.dim() > batch_dim else 0
+
+
+def default_dynamic_axes(
+    inputs: Sequence[torch.Tensor], batch_dim: int = 0
+) -> list[dict[int, str]]:
+    """Dim ``batch_dim`` of every input is the batch (dim 0 of a 1-D one); the other dim of a
+    2-D integer input is the sequence, and so is that of a 2-D bool input as long as such
+    token ids (its padding mask)."""
     def ids(x: torch.Tensor) -> bool:
         return x.dim() == 2 and not x.dtype.is_floating_point and x.dtype != torch.bool
 
-    lengths = {x.shape[1] for x in inputs if ids(x)}
+    seq_dim = 1 - batch_dim
+    lengths = {x.shape[seq_dim] for x in inputs if ids(x)}
     axes = []
     for x in inputs:
-        entry: dict[int, str] = {0: BATCH} if x.dim() >= 1 else {}
-        if ids(x) or (x.dim() == 2 and x.dtype == torch.bool and x.shape[1] in lengths):
-            entry[1] = SEQ
+        entry: dict[int, str] = {batch_axis(x, batch_dim): BATCH} if x.dim() >= 1 else {}
+        if ids(x) or (x.dim() == 2 and x.dtype == torch.bool and x.shape[seq_dim] in lengths):
+            entry[seq_dim] = SEQ
         axes.append(entry)
     return axes
 
 
 def observed_axes(
-    example: Sequence[torch.Tensor], others: Sequence[Sequence[Any]]
+    example: Sequence[torch.Tensor], others: Sequence[Sequence[Any]], batch_dim: int = 0
 ) -> list[dict[int, str]] | None:
     """The default dynamic axes of ``example``, plus every other axis whose size differs in
     ``others`` (the inputs of other batches): the length of float sequences padded per batch
-    (audio, time series, features before an LSTM), an image size that varies. Dim 1 becomes
-    the shared ``"seq"`` axis where its size equals the token ids' in every batch; any other
-    such axis gets a name of its own. None when nothing varies beyond the defaults."""
-    axes = default_dynamic_axes(example)
+    (audio, time series, features before an LSTM), an image size that varies. The sequence
+    dim (1; 0 of time-major inputs) becomes the shared ``"seq"`` axis where its size equals
+    the token ids' in every batch; any other such axis gets a name of its own. None when
+    nothing varies beyond the defaults of batch-first inputs."""
+    axes = default_dynamic_axes(example, batch_dim)
     batches = [example, *(o for o in others if len(o) == len(example))]
 
     def sizes(i: int, d: int) -> list[int | None]:
         return [b[i].shape[d] if isinstance(b[i], torch.Tensor) and b[i].dim() == example[i].dim()
                 else None for b in batches]
 
-    seq = [i for i, a in enumerate(axes) if a.get(1) == SEQ]
-    added = False
+    seq_dim = 1 - batch_dim
+    seq = [i for i, a in enumerate(axes) if a.get(seq_dim) == SEQ]
+    added = batch_dim != 0
     for i, x in enumerate(example):
-        for d in range(1, x.dim()):
+        for d in range(x.dim()):
             mine = sizes(i, d)
             if d in axes[i] or len({n for n in mine if n is not None}) < 2:
                 continue
-            shared = d == 1 and all(sizes(j, 1) == mine for j in seq)
+            shared = d == seq_dim and all(sizes(j, seq_dim) == mine for j in seq)
             axes[i][d] = SEQ if shared else f"input{i}_dim{d}"
             if shared:
                 seq.append(i)

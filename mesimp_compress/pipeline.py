@@ -74,11 +74,12 @@ def prove_original(
     before.eval()
     inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     path = output.file("original.onnx")
-    batches, names = parity_inputs(eval_data, max_batches=3, resize_to=())
-    notes = _resized_batch(before, batches, names)
+    batches, names = parity_inputs(eval_data, max_batches=3, resize_to=(), batch_dim=cfg.batch_dim)
+    notes = _resized_batch(before, batches, names, cfg.batch_dim)
     for note in notes:
         emit(sink, "note", message=note)
-    axes = observed_axes(inputs, batches)  # e.g. float sequences padded per batch
+    # e.g. float sequences padded per batch (and the batch axis of time-major inputs)
+    axes = observed_axes(inputs, batches, cfg.batch_dim)
     try:
         exported = export_onnx(before, inputs, path, opset=cfg.opset, dynamic_axes=axes,
                                sink=sink)
@@ -107,23 +108,26 @@ def prove_original(
                           "opset)") from None
     with torch.no_grad():
         like = before(*inputs)  # ORT's flat outputs go to the metric in this structure
-    value = evaluate_onnx(session, eval_data, metric, input_names=exported.input_names, like=like)
+    value = evaluate_onnx(session, eval_data, metric, input_names=exported.input_names, like=like,
+                          batch_dim=cfg.batch_dim)
     return OriginalProof(exported, parity, value, batches, names, axes, sizes, notes)
 
 
-def _resized_batch(model: nn.Module, batches: list[tuple[Any, ...]], names: list[str]) -> list[str]:
+def _resized_batch(model: nn.Module, batches: list[tuple[Any, ...]], names: list[str],
+                   batch_dim: int = 0) -> list[str]:
     """Add the first eval batch resized to batch 1 (else 2) to the parity inputs, so that the
     file's dynamic batch axis is checked at a size of the proof's own choosing; a model that
     cannot run at either (BatchNorm on batch statistics needs two examples) is checked at its
     eval batches' sizes only, which the returned note says."""
     from .batches import batch_size
-    from .inputs import resize_inputs
+    from .inputs import default_dynamic_axes, resize_inputs
 
     tried = []
+    axes = default_dynamic_axes(batches[0], batch_dim)
     for size in (1, 2):
-        if size == batch_size(batches[0]):
+        if size == batch_size(batches[0], batch_dim):
             continue
-        resized = resize_inputs(batches[0], size)
+        resized = resize_inputs(batches[0], size, axes=axes)
         try:
             with torch.no_grad():
                 model(*resized)
@@ -250,7 +254,8 @@ def _prove(
             "torch_before": tuned.metric_before,
             "torch_after": tuned.metric_after,
             "ort_before": proof.metric,
-            "ort_after": evaluate_onnx(session, eval_data, metric, input_names=names, like=like),
+            "ort_after": evaluate_onnx(session, eval_data, metric, input_names=names, like=like,
+                                       batch_dim=cfg.batch_dim),
         }
 
         timed = {ORIGINAL: paths[ORIGINAL], COMPRESSED: paths[COMPRESSED]}
@@ -276,7 +281,7 @@ def _prove(
                 where=where,
             )
             metrics["int8"] = evaluate_onnx(int8, eval_data, metric, input_names=names,
-                                            like=like)
+                                            like=like, batch_dim=cfg.batch_dim)
 
         emit(sink, "stage", message="timing in onnxruntime (interleaved)")
         threads = sorted({1, cfg.bench_threads, os.cpu_count() or 1})

@@ -71,7 +71,8 @@ class Simplifier:
         self.original_widths = structure.widths()
         self.plan = Plan({}, {}, [])
         # distinct notes of the settings and of every prune so far
-        self.surgery_notes: list[str] = _exclude_notes(model, structure, config.exclude)
+        self.surgery_notes: list[str] = [*_exclude_notes(model, structure, config.exclude),
+                                         *_layout_notes(model, config.batch_dim)]
         self.config_notes: list[str] = []  # what the HF configs cannot say, now
         self._config_values = config_values(model)  # as they were before any prune
         self.output_layer = config.output_layer or _output_layer(model, structure)
@@ -316,6 +317,24 @@ def _exclude_notes(model: nn.Module, structure: Structure, patterns: Any) -> lis
                 "name the layers ('name.*' for those inside a block), or, for a BatchNorm or "
                 "depthwise convolution, the layer whose units it reads")
     return notes
+
+
+def _layout_notes(model: nn.Module, batch_dim: int) -> list[str]:
+    """With batch-first inputs assumed: the first time-major layer (an RNN or transformer
+    with batch_first=False), whose inputs, if the model's are too, need batch_dim = 1."""
+    if batch_dim != 0:
+        return []
+    kinds = (nn.RNNBase, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds):
+            continue
+        first = getattr(module, "batch_first", getattr(getattr(module, "self_attn", None),
+                                                        "batch_first", True))
+        if not first:
+            return [f"'{name}' ({type(module).__name__}) takes time-major input (batch_first="
+                    "False): if the model's inputs are (T, B, ...) too, set batch_dim = 1, so "
+                    "that metrics count examples and the ONNX files take any batch size"]
+    return []
 
 
 def _strip_means_hooks(model: nn.Module) -> None:

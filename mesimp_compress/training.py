@@ -91,8 +91,10 @@ class FineTuneResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.device) -> float:
-    """The metric over all of ``data`` (sum over batches / count)."""
+def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.device,
+             batch_dim: int = 0) -> float:
+    """The metric over all of ``data`` (sum over batches / count; a batch mean counts for the
+    examples along ``batch_dim``)."""
     was_training = model.training
     model.eval()
     total = count = 0.0
@@ -107,7 +109,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
             _check_outputs(model, outputs, inputs, where)
             with user_code("the metric", where):
                 value = metric(outputs, targets)
-            s, c = tasks.metric_value(value, batch_size(inputs), where=where)
+            s, c = tasks.metric_value(value, batch_size(inputs, batch_dim), where=where)
             total += s
             count += c
             batches += 1
@@ -198,7 +200,7 @@ class FineTuner:
             self._unwrap()  # compress() leaves the process group next: no DDP may outlive it
         remove_meprop(self.model)
         self.simp.detach_means(self.model)
-        metric_after = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
+        metric_after = self._evaluate()
         notes = self.simp.notes() + self._unseen_notes()
         for note in notes:
             emit(self.sink, "note", message=note)
@@ -236,7 +238,7 @@ class FineTuner:
                 widths=self.simp.widths(),
             )
         else:
-            self.metric_before = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
+            self.metric_before = self._evaluate()
         emit(self.sink, "baseline", metric=self.metric_before, widths=self.simp.widths())
         phases = cycle_plan(self.cfg.cycles, self.cfg.epochs, self.cfg.recovery_epochs)
         total_epochs = sum(p.epochs for p in phases)
@@ -374,7 +376,7 @@ class FineTuner:
                 loss = loss + self.cfg.layer_weight * layer_loss(mine, theirs, self.layers)
         value = float(loss.detach())
         if not math.isfinite(value):
-            _check_batch(inputs, targets, where)  # the data's fault, if it is
+            _check_batch(inputs, targets, where, self.cfg.batch_dim)  # the data's fault?
             raise NonFiniteLossError(
                 f"loss became {value} on {where}, step {self.step + 1}; lower the learning "
                 "rate or check the data"
@@ -391,7 +393,7 @@ class FineTuner:
         if phase.kind == "prune":
             pruned = self._prune()
         self.simp.pause_means(True)
-        metric = evaluate(self.model, self.eval_data, self.metric_fn, self.device)
+        metric = self._evaluate()
         self.simp.pause_means(phase.kind != "prune")
         record = WindowRecord(
             phase.kind,
@@ -479,6 +481,10 @@ class FineTuner:
         if self.net is not self.model:
             self.net = self.model
             gc.collect()
+
+    def _evaluate(self) -> float:
+        return evaluate(self.model, self.eval_data, self.metric_fn, self.device,
+                        self.cfg.batch_dim)
 
     def _unseen_notes(self) -> list[str]:
         """Layers meProp never counted: no gradient reached them while pruning (frozen, with
@@ -623,9 +629,9 @@ def _check_outputs(model: nn.Module, outputs: Any, inputs: tuple[Any, ...], wher
     raise DataError(f"{where}: the model's outputs hold NaN values")
 
 
-def _check_batch(inputs: tuple[Any, ...], targets: Any, where: str) -> None:
+def _check_batch(inputs: tuple[Any, ...], targets: Any, where: str, batch_dim: int) -> None:
     """DataError when a batch that gave a non-finite loss is empty or holds NaN/inf."""
-    if batch_size(inputs) == 0:
+    if batch_size(inputs, batch_dim) == 0:
         raise DataError(f"{where} has no examples")
     if (i := nan_input(inputs)) is not None:
         raise DataError(f"{where}: input {i} holds NaN values (the loss became NaN on it)")

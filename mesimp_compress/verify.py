@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from . import tasks
 from .batches import batch_size, iterate, split_batch, to_device, user_code
 from .errors import ConfigError, ExportError, ParityError, ShapeError
-from .inputs import on_device_of, resize_inputs
+from .inputs import default_dynamic_axes, on_device_of, resize_inputs
 
 ATOL = 1e-4
 RTOL = 1e-3
@@ -261,7 +261,8 @@ def _accumulate(
 
 
 def parity_inputs(
-    data: Iterable[Any], *, max_batches: int = 3, resize_to: Sequence[int] = (1,), axes: Any = None
+    data: Iterable[Any], *, max_batches: int = 3, resize_to: Sequence[int] = (1,), axes: Any = None,
+    batch_dim: int = 0,
 ) -> tuple[list[tuple[torch.Tensor, ...]], list[str]]:
     """Inputs of up to ``max_batches`` real batches of ``data`` (those with examples), plus
     the first resized to each size in ``resize_to`` (so the dynamic batch axis is exercised
@@ -270,7 +271,7 @@ def parity_inputs(
     names: list[str] = []
     for i, batch in enumerate(iterate(data, where="eval data")):
         inputs, _ = split_batch(batch, where="eval data")
-        if batch_size(inputs) == 0:
+        if batch_size(inputs, batch_dim) == 0:
             continue  # no example to compare
         picked.append(tuple(to_device(inputs, "cpu", where=f"eval batch {i + 1}")))
         names.append(f"eval batch {i + 1}")
@@ -278,6 +279,8 @@ def parity_inputs(
             break
     if not picked:
         raise ShapeError("eval data: no batches with examples to check parity on")
+    if axes is None and resize_to:
+        axes = default_dynamic_axes(picked[0], batch_dim)
     for size in resize_to:
         picked.append(resize_inputs(picked[0], size, axes=axes))
         names.append(f"{names[0]} resized to batch {size}")
@@ -292,6 +295,7 @@ def evaluate_onnx(
     *,
     input_names: Sequence[str] | None = None,
     like: Any = None,
+    batch_dim: int = 0,
 ) -> float:
     """The task metric (accuracy by default) of the ONNX model over all of ``data``. The
     outputs go to ``metric(outputs, targets)`` as tensors, in the structure of ``like`` (one
@@ -311,7 +315,7 @@ def evaluate_onnx(
         where = f"eval batch {i + 1} (onnxruntime outputs)"
         with user_code("the metric", where):
             value = metric(outputs, targets.cpu() if isinstance(targets, torch.Tensor) else targets)
-        s, c = tasks.metric_value(value, batch_size(inputs), where=where)
+        s, c = tasks.metric_value(value, batch_size(inputs, batch_dim), where=where)
         total += s
         count += c
         batches += 1

@@ -7,6 +7,7 @@ import re
 import warnings
 
 import _tiny
+import numpy as np
 import pytest
 import torch
 
@@ -663,3 +664,69 @@ def test_a_model_that_needs_two_examples_per_batch_is_compressed(tmp_path, data)
     result = mc.compress(_batch_statistics_mlp(), *data, config=CFG, out=tmp_path / "out")
     assert result.report["status"] == "ok" and result.report["notes"] == []
     assert result.widths["0"] < 32
+
+
+class _TimeMajor(torch.nn.Module):
+    """nn.LSTM as torch builds it by default: inputs (T, B, F), one class score row per
+    sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = torch.nn.LSTM(6, 24)
+        self.hidden = torch.nn.Linear(24, 24)
+        self.out = torch.nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(self.lstm(x)[0][-1])))
+
+
+def test_time_major_inputs_weigh_metrics_by_examples_and_export_any_batch(tmp_path) -> None:
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(0)
+
+    def batch(steps, examples):
+        return (torch.randn(steps, examples, 6, generator=g),
+                torch.randint(0, 3, (examples,), generator=g))
+
+    train = [batch(5, 4) for _ in range(8)]
+    evaluation = [batch(5, 2), batch(5, 6)]  # 2 examples, then 6
+
+    def first_right(outputs, targets):  # a batch mean: 1 on the batch of 2, 0 on that of 6
+        return float(outputs.shape[0] == 2)
+
+    cfg = CFG.replace(batch_dim=1, batches=[1, 3])
+    said: list[str] = []
+    result = mc.compress(_TimeMajor(), train, evaluation, config=cfg, metric=first_right,
+                         out=tmp_path / "out", sink=lambda e: said.append(e.kind))
+    assert result.metric_before == pytest.approx(2 / 8)  # by T (5 and 5) it would be 1/2
+    assert result.report["status"] == "ok"
+    assert not [n for n in result.report["notes"] if "time-major" in n]
+    assert result.report["metrics"]["ort_before"] == pytest.approx(2 / 8)
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    assert session.get_inputs()[0].shape == [5, "batch", 6]
+    x = torch.randn(5, 7, 6)
+    with torch.no_grad():
+        expected = result.model.eval()(x)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == (7, 3) and np.allclose(got, expected.numpy(), atol=1e-5)
+    assert [row["batch"] for row in result.report["latency"]["rows"]][:2] == [1, 3]
+
+    # batch-first assumed, the batches weigh by T (a note names batch_dim)
+    quick = mc.compress(_TimeMajor(), train, evaluation, config=CFG, metric=first_right)
+    assert quick.metric_before == pytest.approx(1 / 2)
+
+
+def test_a_time_major_layer_with_batch_first_inputs_assumed_is_noted(data) -> None:
+    from mesimp_compress.simplify import _layout_notes
+
+    assert _layout_notes(_TimeMajor(), 0) == [
+        "'lstm' (LSTM) takes time-major input (batch_first=False): if the model's inputs are "
+        "(T, B, ...) too, set batch_dim = 1, so that metrics count examples and the ONNX files "
+        "take any batch size"]
+    assert _layout_notes(_TimeMajor(), 1) == []
+    layer = torch.nn.TransformerEncoderLayer(8, 2, batch_first=True)
+    assert _layout_notes(torch.nn.Sequential(layer), 0) == []
+    assert "'0' (TransformerEncoderLayer)" in _layout_notes(
+        torch.nn.Sequential(torch.nn.TransformerEncoderLayer(8, 2)), 0)[0]

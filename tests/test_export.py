@@ -63,6 +63,25 @@ def test_axes_that_vary_between_batches_become_dynamic():
     assert observed_axes(first, [later]) == [{0: "batch", 1: "seq"}, {0: "batch", 1: "input1_dim1"}]
 
 
+def test_time_major_inputs_have_their_batch_at_dim_1_and_lengths_at_dim_0():
+    from mesimp_compress.batches import batch_size
+    from mesimp_compress.inputs import observed_axes
+
+    feats, ids, lengths = torch.zeros(9, 2, 5), torch.zeros(9, 2, dtype=torch.long), torch.ones(2)
+    mask = torch.zeros(9, 2, dtype=torch.bool)
+    assert default_dynamic_axes((feats, ids, mask, lengths), batch_dim=1) == [
+        {1: "batch"}, {1: "batch", 0: "seq"}, {1: "batch", 0: "seq"}, {0: "batch"}]
+    assert batch_size((feats, ids), 1) == 2 and batch_size((lengths,), 1) == 2
+    assert batch_size((feats,)) == 9
+    # explicit even when nothing varies (the defaults are batch-first); a length that varies
+    # between batches is the sequence
+    assert observed_axes((feats,), [(torch.zeros(9, 4, 5),)], batch_dim=1) == [{1: "batch"}]
+    assert observed_axes((feats,), [(torch.zeros(6, 4, 5),)], batch_dim=1) == [
+        {1: "batch", 0: "seq"}]
+    small = resize_inputs((feats, lengths), 1, axes=default_dynamic_axes((feats, lengths), 1))
+    assert small[0].shape == (9, 1, 5) and small[1].shape == (1,)
+
+
 def test_resize_repeats_and_slices_rows_so_ids_stay_valid():
     ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
