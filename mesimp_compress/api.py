@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from . import distributed
-from .batches import check_reiterable, first_batch, has_nan, nan_input, to_device
+from .batches import (
+    KeywordBatches,
+    check_reiterable,
+    first_batch,
+    forward_order,
+    has_nan,
+    nan_input,
+    to_device,
+)
 from .config import CompressConfig, read_toml
 from .errors import CheckpointError, ConfigError, DataError, MesimpError, ShapeError, describe
 from .events import EventSink, emit
@@ -122,6 +130,9 @@ def _run(
     check_model(model)
     check_reiterable(train, where="train data")
     check_reiterable(eval_data, where="eval data")
+    order = forward_order(model)  # dict batches pass their inputs in forward's order
+    train = KeywordBatches(train, order, "train data")
+    eval_data = KeywordBatches(eval_data, order, "eval data")
     example_inputs, example_targets = first_batch(train, where="train data")
     if any(isinstance(x, torch.Tensor) and x.dim() and x.shape[batch_axis(x, cfg.batch_dim)] == 0
            for x in example_inputs):

@@ -1,8 +1,10 @@
-"""Batches as users give them: ``(inputs, targets)`` where inputs is a tensor or a tuple."""
+"""Batches as users give them: ``(inputs, targets)`` where inputs is a tensor or a tuple, or
+dicts of named inputs and targets (:class:`KeywordBatches`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import inspect
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -11,10 +13,12 @@ import torch.utils._pytree as pytree
 
 from .errors import DataError, MesimpError, describe
 
+TARGET_KEYS = ("labels", "label", "targets", "target")  # where a dict batch keeps its targets
+
 
 def split_batch(batch: Any, *, where: str = "data") -> tuple[tuple[Any, ...], Any]:
     """Return ``(inputs_tuple, targets)`` from one batch; DataError when it has another form."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         raise DataError(
             f"{where}: batches must be (inputs, targets) pairs, "
             f"got a dict with keys {sorted(batch)}"
@@ -33,6 +37,68 @@ def split_batch(batch: Any, *, where: str = "data") -> tuple[tuple[Any, ...], An
             f"{where}: inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}"
         )
     return inputs, targets
+
+
+class KeywordBatches:
+    """Batches given as dicts, as Hugging Face collators make them (``{"input_ids": ...,
+    "attention_mask": ..., "labels": ...}``), read as ``(inputs, targets)`` pairs: the targets
+    are the entry under one of :data:`TARGET_KEYS`, the inputs the other entries in the order
+    of the model's ``forward`` parameters (the model is called, traced and exported with
+    positional inputs). Other batches pass unchanged. ``len()`` and attributes (a
+    DataLoader's ``dataset``) are the data's own."""
+
+    def __init__(self, data: Iterable[Any], order: list[str], where: str) -> None:
+        self.data, self.order, self.where = data, order, where
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.data):
+            yield keyword_pair(batch, self.order, f"{self.where} batch {i + 1}") if isinstance(
+                batch, Mapping) else batch
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "data":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+
+def keyword_pair(batch: Mapping[str, Any], order: list[str], where: str) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a dict batch (see :class:`KeywordBatches`); DataError naming
+    what does not fit the model's ``forward``."""
+    key = next((k for k in TARGET_KEYS if k in batch), None)
+    if key is None:
+        raise DataError(
+            f"{where}: a dict batch keeps its targets under 'labels' (or 'label', 'targets', "
+            f"'target'); got keys {sorted(batch)}"
+        )
+    given = {k: v for k, v in batch.items() if k != key and v is not None}
+    if not given:
+        raise DataError(f"{where}: a dict batch holds no inputs besides its targets '{key}'")
+    unknown = [k for k in given if k not in order]
+    if unknown:
+        raise DataError(
+            f"{where}: batch key '{unknown[0]}' is not a parameter of the model's forward "
+            f"({', '.join(order) or 'none by name'})"
+        )
+    used = order[: 1 + max(order.index(k) for k in given)]
+    missing = [n for n in used if n not in given]
+    if missing:
+        raise DataError(
+            f"{where}: the batches give {sorted(given)} but not '{missing[0]}', which the "
+            "model's forward takes before them (inputs are passed by position): add it"
+        )
+    return tuple(given[n] for n in used), batch[key]
+
+
+def forward_order(model: Any) -> list[str]:
+    """The names of ``model.forward``'s positional parameters, in order."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 @contextmanager

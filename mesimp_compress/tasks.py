@@ -4,14 +4,15 @@ Outputs of shape (B, C) go with targets (B,); outputs (B, T, C) with targets (B,
 positions whose target is ``IGNORE_INDEX`` (-100, PyTorch's convention) are padding and count
 nowhere. Class scores along dim 1, as ``F.cross_entropy`` takes them ((B, C, T) with (B, T),
 a segmentation's (B, C, H, W) with (B, H, W)), work too; where both layouts fit (C == T),
-the classes are read from the last dim. A metric returns ``(sum, count)`` so batches of
-any size average exactly.
+the classes are read from the last dim. A dict output is read at its ``"logits"`` (as
+Hugging Face models return them). A metric returns ``(sum, count)`` so batches of any size
+average exactly.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,8 @@ MetricFn = Callable[[Any, Any], "tuple[float, float] | float"]
 
 
 def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+        outputs = outputs["logits"]  # a dict output, as Hugging Face models return
     if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise ShapeError(
             "the default loss/metric expect a tensor output and tensor targets; "

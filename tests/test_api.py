@@ -730,3 +730,41 @@ def test_a_time_major_layer_with_batch_first_inputs_assumed_is_noted(data) -> No
     assert _layout_notes(torch.nn.Sequential(layer), 0) == []
     assert "'0' (TransformerEncoderLayer)" in _layout_notes(
         torch.nn.Sequential(torch.nn.TransformerEncoderLayer(8, 2)), 0)[0]
+
+
+class _KeywordClassifier(torch.nn.Module):
+    """Named inputs and a dict output, as Hugging Face sequence classifiers have them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 16)
+        self.hidden = torch.nn.Linear(16, 32)
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return {"logits": self.head(torch.relu(self.hidden(pooled)))}
+
+
+def test_dict_batches_and_a_dict_output_with_logits_compress_end_to_end(tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        ids = torch.randint(1, 50, (n, 7), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "labels": ids[:, 0] % 3}
+
+    train, evaluation = [batch(8) for _ in range(8)], [batch(8), batch(3)]
+    result = mc.compress(_KeywordClassifier(), train, evaluation, config=CFG,
+                         out=tmp_path / "out")
+    assert result.report["status"] == "ok" and result.widths["hidden"] < 32
+    right = count = 0
+    with torch.no_grad():
+        for b in evaluation:
+            logits = result.model(b["input_ids"], b["attention_mask"])["logits"]
+            right += int((logits.argmax(-1) == b["labels"]).sum())
+            count += len(b["labels"])
+    assert result.metric_after == pytest.approx(right / count)
+    assert result.report["export"]["compressed"]["input_names"] == ["input_ids", "attention_mask"]

@@ -58,3 +58,50 @@ def test_epoch_batches_cuts_a_pass_and_spares_the_counting_pass():
     assert count_batches(Endless(), where="train data", limit=7) == (7, "epoch_batches")
     assert count_batches([1] * 5, where="train data", limit=3) == (3, "epoch_batches")
     assert count_batches([1] * 5, where="train data", limit=9) == (5, "its len()")
+
+
+def _forward(input_ids, attention_mask=None, token_type_ids=None):
+    """A forward's signature, as Hugging Face models have it."""
+
+
+class _Model:
+    forward = staticmethod(_forward)
+
+
+def test_dict_batches_pass_their_inputs_in_the_order_of_forward():
+    from collections import UserDict
+
+    from mesimp_compress.batches import KeywordBatches, forward_order
+
+    ids, mask, types, y = torch.ones(2, 5), torch.zeros(2, 5), torch.full((2, 5), 2), torch.ones(2)
+    order = forward_order(_Model())
+    assert order == ["input_ids", "attention_mask", "token_type_ids"]
+    data = KeywordBatches(
+        [{"labels": y, "token_type_ids": types, "input_ids": ids, "attention_mask": mask},
+         UserDict({"input_ids": ids, "label": y}),  # a BatchEncoding is a UserDict
+         ((ids,), y)],  # other batches pass unchanged
+        order, "train data")
+    assert len(data) == 3
+    (a, b, c), d = next(iter(data))
+    assert (a is ids, b is mask, c is types, d is y) == (True,) * 4
+    assert [split_batch(batch) for batch in data][1:] == [((ids,), y), ((ids,), y)]
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        ({"input_ids": 1}, r"train data batch 1: a dict batch keeps its targets under 'labels' "
+                           r"\(or 'label', 'targets', 'target'\); got keys \['input_ids'\]"),
+        ({"pixels": 1, "labels": 2}, r"batch key 'pixels' is not a parameter of the model's "
+                                     r"forward \(input_ids, attention_mask, token_type_ids\)"),
+        ({"input_ids": 1, "token_type_ids": 1, "labels": 2},
+         r"give \['input_ids', 'token_type_ids'\] but not 'attention_mask', which the model's "
+         r"forward takes before them"),
+        ({"labels": 2}, "a dict batch holds no inputs besides its targets 'labels'"),
+    ],
+)
+def test_dict_batches_that_do_not_fit_forward_are_named(batch, match):
+    from mesimp_compress.batches import KeywordBatches, forward_order
+
+    with pytest.raises(DataError, match=match):
+        list(KeywordBatches([batch], forward_order(_Model()), "train data"))
