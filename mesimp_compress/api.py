@@ -341,6 +341,22 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _first_call(role: str, given: Any, default_name: str, default: Any, outputs: Any,
+                targets: Any) -> Any:
+    """The user's loss or metric (or the default one) on the first train batch; a failure is
+    a ShapeError saying which it was."""
+    try:
+        return (given or default)(outputs, targets)
+    except ShapeError as exc:
+        if given is not None:
+            raise
+        raise ShapeError(f"the default {role} ({default_name}): {exc}") from None
+    except MesimpError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the user's function raises
+        raise ShapeError(f"the {role} failed on the first train batch: {describe(exc)}") from None
+
+
 def _check_forward(
     model: nn.Module, inputs: tuple[Any, ...], targets: Any, loss: Any, metric: Any
 ) -> None:
@@ -366,25 +382,9 @@ def _check_forward(
         ) from None
     if has_nan(outputs):
         raise DataError("the model's outputs on the first train batch hold NaN values")
-    try:
-        value = (loss or tasks.cross_entropy)(outputs, targets)
-    except ShapeError as exc:
-        if loss is not None:
-            raise
-        raise ShapeError(f"the default loss (cross-entropy over class scores): {exc}") from None
-    except MesimpError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever the user's loss raises
-        raise ShapeError(f"the loss failed on the first train batch: {describe(exc)}") from None
-    try:
-        tasks.metric_value((metric or tasks.accuracy)(outputs, targets), 1,
-                           where="the first train batch")
-    except ShapeError as exc:
-        if metric is not None:
-            raise
-        raise ShapeError(f"the default metric (accuracy over class scores): {exc}") from None
-    except MesimpError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever the user's metric raises
-        raise ShapeError(f"the metric failed on the first train batch: {describe(exc)}") from None
+    value = _first_call("loss", loss, "cross-entropy over class scores", tasks.cross_entropy,
+                        outputs, targets)
+    tasks.metric_value(
+        _first_call("metric", metric, "accuracy over class scores", tasks.accuracy, outputs,
+                    targets), 1, where="the first train batch")
     tasks.check_loss(value, "the first train batch", differentiable=False)
