@@ -137,6 +137,12 @@ def check_state_dict(
         if unexpected:
             parts.append(f"unexpected {_first(unexpected)}")
         raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)}")
+    other = [k for k, v in expected.items()
+             if isinstance(v, torch.Tensor) and not isinstance(state[k], torch.Tensor)]
+    if other:
+        raise CheckpointError(
+            f"{source}: '{other[0]}' is a {type(state[other[0]]).__name__}, not a tensor"
+        )
     wrong = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()

@@ -131,6 +131,14 @@ def test_wrong_keys_and_shapes_name_the_first_offenders(tmp_path):
     with pytest.raises(CheckpointError, match=r"0.weight: file \(5, 4\) vs model \(3, 4\)"):
         load_weights(_net(), tmp_path / "shapes.pt")
 
+    for value in ("hello", 3):
+        state = _net().state_dict()
+        state["2.bias"] = value
+        torch.save(state, tmp_path / "values.pt")
+        kind = type(value).__name__
+        with pytest.raises(CheckpointError, match=rf"values.pt: '2.bias' is a {kind}, not a"):
+            load_weights(_net(), tmp_path / "values.pt")
+
 
 def test_a_pickled_module_needs_trust_pickle(tmp_path):
     source = _net()
