@@ -333,9 +333,12 @@ def inputs_from_onnx(
 ) -> tuple[tuple[torch.Tensor, ...], list[dict[int, str]], list[str]]:
     """Example inputs built from an ONNX file's input signature: ``(inputs, axes, names)``.
 
-    A symbolic dim is the batch at position 0 (or when named like one) and the sequence at
-    position 1 (or when named ``seq...``); float inputs are random normal, integer inputs 1
-    (a valid token id and mask value), bool inputs True."""
+    A symbolic dim is the batch when named like one (else at position 0) and the sequence
+    when named ``seq...`` or ``len...`` (else at position 1), so time-major files ('seq',
+    'batch') are sized right; float inputs are random normal, integer inputs 1 (a valid
+    token id and mask value), bool inputs True. In a file with a sequence axis, a 1-D
+    integer input of one value per example is read as the sequences' lengths and set to
+    ``seq`` (a packed LSTM then runs every step)."""
     graph = _graph_of(path)
     initializers = {i.name for i in graph.initializer}
     generator = torch.Generator().manual_seed(seed)
@@ -356,9 +359,10 @@ def inputs_from_onnx(
                 shape.append(dim.dim_value)
                 continue
             label = dim.dim_param.lower()
-            if i == 0 or "batch" in label:
+            named_seq = "seq" in label or "len" in label
+            if "batch" in label or (i == 0 and not named_seq):
                 entry[i], size = BATCH, batch
-            elif i == 1 or "seq" in label or "len" in label:
+            elif named_seq or i == 1:
                 entry[i], size = SEQ, seq
             else:
                 raise ShapeError(
@@ -375,6 +379,9 @@ def inputs_from_onnx(
         inputs.append(x)
         axes.append(entry)
         names.append(value.name)
+    if any(SEQ in a.values() for a in axes):  # per-example integers: sequence lengths
+        inputs = [x.fill_(seq) if a == {0: BATCH} and x.dim() == 1 and not x.is_floating_point()
+                  and x.dtype != torch.bool else x for x, a in zip(inputs, axes, strict=True)]
     return tuple(inputs), axes, names
 
 

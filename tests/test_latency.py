@@ -122,6 +122,36 @@ def test_inputs_from_an_onnx_signature_size_batch_and_sequence(tmp_path):
     assert result.rows[0].seq == 5 and result.rows[0].speedups == {}
 
 
+class _Packed(nn.Module):
+    """Features and their lengths, packed into an LSTM (two layers: torch exports a packed
+    one-layer LSTM with neither exporter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, num_layers=2, batch_first=True)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        return self.lstm(packed)[1][0][-1]
+
+
+def test_time_major_axes_are_read_by_name_and_lengths_follow_the_sequence(tmp_path):
+    time_major = export_onnx(
+        zoo.Tagger(), (torch.randint(0, 50, (7, 2)),), tmp_path / "tm.onnx",
+        dynamic_axes=[{0: "seq", 1: "batch"}],
+    ).path
+    inputs, axes, _ = inputs_from_onnx(time_major, batch=3, seq=11)
+    assert axes == [{0: "seq", 1: "batch"}] and inputs[0].shape == (11, 3)
+    packed = export_onnx(
+        _Packed(), (torch.randn(2, 6, 3), torch.tensor([6, 4])), tmp_path / "packed.onnx",
+        dynamic_axes=[{0: "batch", 1: "seq"}, {0: "batch"}],
+    ).path
+    inputs, axes, names = inputs_from_onnx(packed, batch=3, seq=9)
+    assert names == ["x", "lengths"] and inputs[0].shape == (3, 9, 3)
+    assert inputs[1].tolist() == [9, 9, 9]  # every step runs, as real lengths would
+
+
 def test_an_input_axis_that_is_neither_batch_nor_sequence_is_refused(tmp_path):
     model = zoo.mlp()
     r = export_onnx(
