@@ -64,6 +64,11 @@ def export(
     axes: list[str] | None = typer.Option(
         None, "--axes", help="Dynamic axes of one input, e.g. 0=batch,1=seq; repeat per input."
     ),
+    batch_dim: int | None = typer.Option(
+        None, "--batch-dim",
+        help="The inputs' dim that indexes examples: 0, or 1 for time-major (T, B, ...) inputs "
+        "(default: the --compressed run's setting, else 0).",
+    ),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
     exporter: str = typer.Option(
         "auto", "--exporter", help="auto (dynamo, TorchScript fallback) | dynamo | torchscript."
@@ -80,7 +85,7 @@ def export(
 
     from mesimp_compress.config import check_opset
     from mesimp_compress.errors import ConfigError, OutputError, OutputExistsError
-    from mesimp_compress.export import export_onnx, resize_inputs
+    from mesimp_compress.export import default_dynamic_axes, export_onnx, resize_inputs
     from mesimp_compress.spec import load_factory, load_weights
     from mesimp_compress.verify import check_parity
 
@@ -101,8 +106,11 @@ def export(
         net = load_compressed(net, compressed)
     net = net.cpu().eval()
     torch.manual_seed(0)
-    inputs = _inputs_from_data(data) if data else tuple(_tensor(s) for s in input_shape or [])
+    inputs = _inputs_from_data(data, net) if data else tuple(_tensor(s) for s in input_shape or [])
+    batch_dim = _batch_dim(batch_dim, compressed)
     dynamic = [_parse_axes(a) for a in axes] if axes else None
+    if dynamic is None and batch_dim:
+        dynamic = default_dynamic_axes(inputs, batch_dim)
     # written beside the target under a hidden name; it takes the target's name only once
     # verified, so a failed export or parity check leaves nothing behind
     staged = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -139,13 +147,30 @@ def export(
     console.print(_table(payload))
 
 
-def _inputs_from_data(spec: str) -> tuple[Any, ...]:
-    from mesimp_compress.batches import first_batch
+def _inputs_from_data(spec: str, net: Any) -> tuple[Any, ...]:
+    from mesimp_compress.batches import KeywordBatches, first_batch, forward_order
     from mesimp_compress.sources import load_data
 
     _, eval_data = load_data(spec)
-    inputs, _ = first_batch(eval_data, where="eval data")
+    batches = KeywordBatches(eval_data, forward_order(net), "eval data")  # dicts by name
+    inputs, _ = first_batch(batches, where="eval data")
     return tuple(x.cpu() for x in inputs)
+
+
+def _batch_dim(given: int | None, compressed: Path | None) -> int:
+    """--batch-dim, else the setting of the run that wrote ``compressed``, else 0."""
+    from mesimp_compress.errors import ConfigError
+
+    if given is None and compressed is not None:
+        try:
+            config = json.loads((compressed / "report.json").read_text(encoding="utf-8"))["config"]
+            given = int(config.get("batch_dim", 0))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            given = 0  # no report (plan.json + weights.pt alone): batch first
+    given = 0 if given is None else given
+    if given not in (0, 1):
+        raise ConfigError(f"--batch-dim must be 0 or 1, got {given}")
+    return given
 
 
 def _tensor(text: str) -> Any:

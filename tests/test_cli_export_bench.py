@@ -272,3 +272,42 @@ def test_bench_turns_inputs_it_cannot_size_into_one_line_errors(tmp_path):
     assert resized.exit_code == 2
     assert "fixed.onnx has no batch axis to resize" in resized.stderr
     assert resized.stderr.strip().endswith("--batch 4")
+
+
+def test_export_takes_the_batch_of_time_major_inputs_at_dim_1(tmp_path):
+    path = tmp_path / "tm.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class TimeMajor(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lstm = nn.LSTM(4, 6)
+                self.out = nn.Linear(6, 3)
+
+            def forward(self, x):
+                return self.out(self.lstm(x)[0][-1])
+
+        def build():
+            torch.manual_seed(0)
+            return TimeMajor()
+        """))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"config": {"batch_dim": 1}}))
+    from mesimp_compress.cli.export_cmd import _batch_dim
+
+    assert (_batch_dim(None, folder), _batch_dim(0, folder), _batch_dim(None, None)) == (1, 0, 0)
+    out = tmp_path / "tm.onnx"
+    result = runner.invoke(app, ["export", f"{path}:build", "--input-shape", "5,2,4",
+                                 "--batch-dim", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["export"]["dynamic_axes"]["x"] == {"1": "batch"}
+    assert payload["parity"]["passed"] is True
+    session = make_session(out)
+    assert [d for d in session.get_inputs()[0].shape] == [5, "batch", 4]
+    bad = runner.invoke(app, ["export", f"{path}:build", "--input-shape", "5,2,4",
+                              "--batch-dim", "2", "--out", str(tmp_path / "x.onnx")])
+    assert bad.exit_code == 2 and "--batch-dim must be 0 or 1, got 2" in bad.output
