@@ -150,6 +150,7 @@ def compress(
     import sys
 
     from mesimp_compress.api import compress as run
+    from mesimp_compress.checkpoint import Checkpointer, default_dir
     from mesimp_compress.distributed import launch_command
     from mesimp_compress.errors import ConfigError
 
@@ -228,6 +229,9 @@ def compress(
             resume=resume,
         )
     except KeyboardInterrupt:
+        if not Checkpointer(default_dir(out)).exists():
+            raise fail("interrupted before the first window finished: there is no checkpoint; "
+                       "rerun the same command to start again", code=130) from None
         raise fail(
             "interrupted: the checkpoint of the last finished window is kept; "
             "rerun the same command with --resume to continue",

@@ -239,7 +239,8 @@ class FineTuner:
             )
         else:
             self.metric_before = self._evaluate()
-        emit(self.sink, "baseline", metric=self.metric_before, widths=self.simp.widths())
+        original = {key: self.simp.original_widths[key] for key in self.simp.prunable_keys()}
+        emit(self.sink, "baseline", metric=self.metric_before, widths=original)
         phases = cycle_plan(self.cfg.cycles, self.cfg.epochs, self.cfg.recovery_epochs)
         total_epochs = sum(p.epochs for p in phases)
         epoch_no = 0

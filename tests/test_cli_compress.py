@@ -133,3 +133,21 @@ def test_inspect_shows_the_int8_model_when_the_report_has_one(tmp_path) -> None:
     assert shown.exit_code == 0, shown.output
     for word in ("int8", "0.8765", "0.0123", "0.114", "3.50x"):
         assert word in shown.stdout
+
+
+def test_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(tmp_path, monkeypatch) -> None:
+    import mesimp_compress.api as api
+    from mesimp_compress.checkpoint import Checkpointer, default_dir
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "compress", interrupted)
+    out = tmp_path / "out"
+    args = ["compress", _tiny.spec("mlp"), "--data", _tiny.spec("mlp_data"), "--out", str(out)]
+    early = runner.invoke(app, args)
+    assert early.exit_code == 130
+    assert "before the first window finished: there is no checkpoint" in early.output
+    Checkpointer(default_dir(out)).save({"window": 1})
+    later = runner.invoke(app, args)
+    assert later.exit_code == 130 and "rerun the same command with --resume" in later.output

@@ -453,3 +453,18 @@ def test_a_frozen_first_layer_that_no_gradient_reaches_is_noted_not_silently_kep
     assert results["2"]["0"] < 32 and results["2"]["2"] < 24  # a gradient passes through it
     assert said == ["'0' kept every unit: no gradient reached it while pruning (its parameters "
                     "are frozen and nothing before it trains), so meProp counted no activity"]
+
+
+def test_a_resumed_run_reports_the_original_widths_as_the_baseline(tmp_path) -> None:
+    import mesimp_compress as mc
+
+    train, evaluation = _tiny.mlp_data()
+    cfg = dict(BASE, k=6, window=0.25)
+    _stop_at_first_checkpoint(_tiny.mlp(), train, evaluation, cfg, tmp_path)
+    events: list[Event] = []
+    mc.compress(_tiny.mlp(), train, evaluation, config=cfg, checkpoint_dir=tmp_path, resume=True,
+                sink=events.append)
+    resumed = next(e.data for e in events if e.kind == "resumed")
+    baseline = next(e.data for e in events if e.kind == "baseline")
+    assert resumed["widths"]["0"] < 32  # pruned before the interruption
+    assert baseline["widths"] == {"0": 32, "2": 24}
