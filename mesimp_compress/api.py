@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, tasks
 from .batches import (
     KeywordBatches,
     check_reiterable,
@@ -131,9 +131,18 @@ def _run(
     check_reiterable(train, where="train data")
     check_reiterable(eval_data, where="eval data")
     order = forward_order(model)  # dict batches pass their inputs in forward's order
-    train = KeywordBatches(train, order, "train data")
-    eval_data = KeywordBatches(eval_data, order, "eval data")
+    keys: dict[str, Any] = {}  # train and eval dict batches must give the same inputs
+    train = KeywordBatches(train, order, "train data", keys)
+    eval_data = KeywordBatches(eval_data, order, "eval data", keys)
     example_inputs, example_targets = first_batch(train, where="train data")
+    shift_note = None
+    if keys and (loss is None or metric is None) and tasks.causal_lm(model):
+        # a collator's labels are the input ids: the model shifts them itself, we take them out
+        loss = loss or tasks.next_token(tasks.cross_entropy)
+        metric = metric or tasks.next_token(tasks.accuracy)
+        shift_note = (f"{type(model).__name__} is a causal language model given dict batches: "
+                      "the default loss and metric score each position's logits against the "
+                      "next position's label (labels shifted by one, as Hugging Face does)")
     if any(isinstance(x, torch.Tensor) and x.dim() and x.shape[batch_axis(x, cfg.batch_dim)] == 0
            for x in example_inputs):
         raise DataError("the first train batch has no examples: the model is traced and "
@@ -148,6 +157,8 @@ def _run(
     _check_forward(original, example_inputs, example_targets, loss, metric)
 
     simplifier = Simplifier.build(working, to_device(example_inputs, device), cfg)
+    if shift_note is not None:
+        simplifier.surgery_notes.append(shift_note)
     emit(sink, "structure", groups=simplifier.widths(), skipped=simplifier.skipped())
     proof = None
     try:

@@ -47,13 +47,27 @@ class KeywordBatches:
     positional inputs). Other batches pass unchanged. ``len()`` and attributes (a
     DataLoader's ``dataset``) are the data's own."""
 
-    def __init__(self, data: Iterable[Any], order: list[str], where: str) -> None:
+    def __init__(self, data: Iterable[Any], order: list[str], where: str,
+                 keys: dict[str, Any] | None = None) -> None:
         self.data, self.order, self.where = data, order, where
+        # the keys of the first dict batch read, shared by the train and eval data's wrappers
+        self.keys = keys if keys is not None else {}
 
     def __iter__(self) -> Iterator[Any]:
         for i, batch in enumerate(self.data):
-            yield keyword_pair(batch, self.order, f"{self.where} batch {i + 1}") if isinstance(
-                batch, Mapping) else batch
+            if not isinstance(batch, Mapping):
+                yield batch
+                continue
+            where = f"{self.where} batch {i + 1}"
+            pair = keyword_pair(batch, self.order, where)
+            given = sorted(k for k in batch if k not in TARGET_KEYS and batch[k] is not None)
+            first = self.keys.setdefault("inputs", (given, where))
+            if first[0] != given:
+                raise DataError(
+                    f"{where} gives the inputs {given}, {first[1]} gave {first[0]}: every "
+                    "batch must give the same ones (the model is exported with one signature)"
+                )
+            yield pair
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]
@@ -87,7 +101,9 @@ def keyword_pair(batch: Mapping[str, Any], order: list[str], where: str) -> tupl
     if missing:
         raise DataError(
             f"{where}: the batches give {sorted(given)} but not '{missing[0]}', which the "
-            "model's forward takes before them (inputs are passed by position): add it"
+            "model's forward takes before them: inputs are passed by position as tensors, so "
+            f"add '{missing[0]}' to the batches, or drop the keys after it, or wrap the model "
+            "in a module whose forward takes just these"
         )
     return tuple(given[n] for n in used), batch[key]
 

@@ -204,6 +204,9 @@ def _export_with_fallback(
         return _describe(target, name, job, reason)
     where = _failing_module(job, order[0])
     detail = "; ".join(f"{n}: {r}" for n, r in failures)
+    if "Cache" in detail and getattr(getattr(job.model, "config", None), "use_cache", False):
+        detail += ("; the model returns its key/value cache (a Hugging Face model with "
+                   "config.use_cache = True): set model.config.use_cache = False")
     raise ExportError(f"ONNX export failed{where}: {detail}")
 
 

@@ -164,6 +164,24 @@ def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
     return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
 
 
+def causal_lm(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face causal language model (``...ForCausalLM``,
+    ``...LMHeadModel``), which shifts its ``labels`` by one itself."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def next_token(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``fn`` (a loss or metric) on the logits of each position against the next
+    position's target: ``fn(logits[:, :-1], targets[:, 1:])``."""
+
+    def shifted(outputs: Any, targets: torch.Tensor) -> Any:
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
+        return fn(logits[:, :-1], targets[:, 1:])
+
+    shifted.__name__ = f"next_token_{getattr(fn, '__name__', 'fn')}"
+    return shifted
+
+
 def check_loss(loss: Any, where: str, *, differentiable: bool = True) -> None:
     """DataError naming ``where`` unless ``loss`` is a one-value floating tensor (that
     autograd can differentiate, when ``differentiable``)."""

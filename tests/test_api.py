@@ -768,3 +768,38 @@ def test_dict_batches_and_a_dict_output_with_logits_compress_end_to_end(tmp_path
             count += len(b["labels"])
     assert result.metric_after == pytest.approx(right / count)
     assert result.report["export"]["compressed"]["input_names"] == ["input_ids", "attention_mask"]
+
+
+class TinyForCausalLM(torch.nn.Module):
+    """Named like a Hugging Face causal LM: it would shift its labels itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(12, 16)
+        self.hidden = torch.nn.Linear(16, 32)
+        self.head = torch.nn.Linear(32, 12)
+
+    def forward(self, input_ids, attention_mask=None):
+        return {"logits": self.head(torch.relu(self.hidden(self.embed(input_ids))))}
+
+
+def test_a_causal_lm_given_collator_labels_is_scored_on_the_next_token() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def batch():  # each sequence counts up: the next token is always the current one + 1
+        start = torch.randint(0, 4, (8, 1), generator=g)
+        ids = start + torch.arange(6)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    train, evaluation = [batch() for _ in range(8)], [batch(), batch()]
+    said: list[str] = []
+    result = mc.compress(TinyForCausalLM(), train, evaluation, config=CFG.replace(lr=3e-2),
+                         sink=lambda e: said.append(e.data["message"]) if e.kind == "note" else 0)
+    with torch.no_grad():
+        logits = [TinyForCausalLM()(b["input_ids"])["logits"] for b in evaluation]
+    right = sum(int((out[:, :-1].argmax(-1) == b["labels"][:, 1:]).sum())
+                for out, b in zip(logits, evaluation, strict=True))
+    assert result.metric_before == pytest.approx(right / (2 * 8 * 5))
+    assert result.metric_after > 0.9  # learned to count on; copying the input scores 0
+    assert any("TinyForCausalLM is a causal language model" in n for n in said)

@@ -78,13 +78,21 @@ def test_dict_batches_pass_their_inputs_in_the_order_of_forward():
     assert order == ["input_ids", "attention_mask", "token_type_ids"]
     data = KeywordBatches(
         [{"labels": y, "token_type_ids": types, "input_ids": ids, "attention_mask": mask},
-         UserDict({"input_ids": ids, "label": y}),  # a BatchEncoding is a UserDict
          ((ids,), y)],  # other batches pass unchanged
         order, "train data")
-    assert len(data) == 3
+    assert len(data) == 2
     (a, b, c), d = next(iter(data))
     assert (a is ids, b is mask, c is types, d is y) == (True,) * 4
-    assert [split_batch(batch) for batch in data][1:] == [((ids,), y), ((ids,), y)]
+    assert split_batch(list(data)[1]) == ((ids,), y)
+    # a BatchEncoding is a UserDict; train and eval data share what the first batch gave
+    keys: dict = {}
+    train = KeywordBatches([UserDict({"input_ids": ids, "label": y})], order, "train data", keys)
+    assert split_batch(next(iter(train))) == ((ids,), y)
+    evaluation = KeywordBatches([{"input_ids": ids, "attention_mask": mask, "label": y}], order,
+                                "eval data", keys)
+    with pytest.raises(DataError, match=r"eval data batch 1 gives the inputs \['attention_mask', "
+                                        r"'input_ids'\], train data batch 1 gave \['input_ids'\]"):
+        list(evaluation)
 
 
 @pytest.mark.parametrize(

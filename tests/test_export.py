@@ -390,3 +390,22 @@ def test_a_guessed_sequence_axis_followed_only_in_shape_is_kept_fixed(tmp_path):
     got = run_onnx(session, (more,), result.input_names)[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(more).numpy(), rtol=1e-5, atol=1e-6)
+
+
+class DynamicCache:
+    """Stands for Hugging Face's key/value cache object, which no exporter can return."""
+
+
+class _Cached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.config = type("Config", (), {"use_cache": True})()
+
+    def forward(self, x):
+        return self.fc(x), DynamicCache()
+
+
+def test_a_model_returning_its_cache_is_told_to_turn_it_off(tmp_path):
+    with pytest.raises(ExportError, match=r"set model.config.use_cache = False$"):
+        export_onnx(_Cached(), (torch.randn(2, 4),), tmp_path / "cached.onnx")
