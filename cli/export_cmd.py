@@ -148,7 +148,8 @@ def export(
 
 
 def _inputs_from_data(spec: str, net: Any) -> tuple[Any, ...]:
-    from mesimp_compress.batches import KeywordBatches, first_batch, forward_order
+    from mesimp_compress.batches import KeywordBatches, first_batch
+    from mesimp_compress.inputs import forward_order
     from mesimp_compress.sources import load_data
 
     _, eval_data = load_data(spec)

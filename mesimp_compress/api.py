@@ -19,7 +19,6 @@ from .batches import (
     KeywordBatches,
     check_reiterable,
     first_batch,
-    forward_order,
     has_nan,
     nan_input,
     to_device,
@@ -27,7 +26,7 @@ from .batches import (
 from .config import CompressConfig, read_toml
 from .errors import CheckpointError, ConfigError, DataError, MesimpError, ShapeError, describe
 from .events import EventSink, emit
-from .inputs import batch_axis
+from .inputs import batch_axis, forward_order
 from .modelcheck import check_model, copy_failed, unwrap
 from .outputs import OutputDir
 from .simplify import Simplifier

@@ -3,7 +3,6 @@ dicts of named inputs and targets (:class:`KeywordBatches`)."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import DataError, MesimpError, describe
+from .inputs import batch_axis
 
 TARGET_KEYS = ("labels", "label", "targets", "target")  # where a dict batch keeps its targets
 
@@ -108,15 +108,6 @@ def keyword_pair(batch: Mapping[str, Any], order: list[str], where: str) -> tupl
     return tuple(given[n] for n in used), batch[key]
 
 
-def forward_order(model: Any) -> list[str]:
-    """The names of ``model.forward``'s positional parameters, in order."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError, AttributeError):
-        return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
 @contextmanager
 def user_code(what: str, where: str) -> Iterator[None]:
     """Run user code (the model, its loss or metric) on one batch: a failure becomes a
@@ -186,7 +177,7 @@ def batch_size(inputs: tuple[Any, ...], batch_dim: int = 0) -> int:
     a 1-D one)."""
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return int(x.shape[batch_dim if x.dim() > batch_dim else 0])
+            return int(x.shape[batch_axis(x, batch_dim)])
     return 1
 
 

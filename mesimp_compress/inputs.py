@@ -143,17 +143,20 @@ def _resize_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return x.narrow(dim, 0, size)
 
 
+def forward_order(model: Any) -> list[str]:
+    """The names of ``model.forward``'s positional parameters, in order ([] where the
+    signature does not say)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def input_names_of(model: nn.Module, count: int) -> list[str]:
     """Names of the first ``count`` positional parameters of ``model.forward`` (``input_i``
     where the signature does not say)."""
-    try:
-        params = [
-            p.name
-            for p in inspect.signature(model.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):
-        params = []
+    params = forward_order(model)
     names = params[:count] if len(params) >= count else []
     return names or [f"input_{i}" for i in range(count)]
 

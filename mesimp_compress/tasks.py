@@ -28,9 +28,15 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 MetricFn = Callable[[Any, Any], "tuple[float, float] | float"]
 
 
-def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits(outputs: Any) -> Any:
+    """A dict output's ``"logits"`` (as Hugging Face models return them), else ``outputs``."""
     if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
-        outputs = outputs["logits"]  # a dict output, as Hugging Face models return
+        return outputs["logits"]
+    return outputs
+
+
+def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    outputs = _logits(outputs)
     if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise ShapeError(
             "the default loss/metric expect a tensor output and tensor targets; "
@@ -175,8 +181,7 @@ def next_token(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     position's target: ``fn(logits[:, :-1], targets[:, 1:])``."""
 
     def shifted(outputs: Any, targets: torch.Tensor) -> Any:
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
-        return fn(logits[:, :-1], targets[:, 1:])
+        return fn(_logits(outputs)[:, :-1], targets[:, 1:])
 
     shifted.__name__ = f"next_token_{getattr(fn, '__name__', 'fn')}"
     return shifted

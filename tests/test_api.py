@@ -718,7 +718,7 @@ def test_time_major_inputs_weigh_metrics_by_examples_and_export_any_batch(tmp_pa
     assert quick.metric_before == pytest.approx(1 / 2)
 
 
-def test_a_time_major_layer_with_batch_first_inputs_assumed_is_noted(data) -> None:
+def test_a_time_major_layer_with_batch_first_inputs_assumed_is_noted() -> None:
     from mesimp_compress.simplify import _layout_notes
 
     assert _layout_notes(_TimeMajor(), 0) == [

@@ -71,7 +71,8 @@ class _Model:
 def test_dict_batches_pass_their_inputs_in_the_order_of_forward():
     from collections import UserDict
 
-    from mesimp_compress.batches import KeywordBatches, forward_order
+    from mesimp_compress.batches import KeywordBatches
+    from mesimp_compress.inputs import forward_order
 
     ids, mask, types, y = torch.ones(2, 5), torch.zeros(2, 5), torch.full((2, 5), 2), torch.ones(2)
     order = forward_order(_Model())
@@ -109,7 +110,8 @@ def test_dict_batches_pass_their_inputs_in_the_order_of_forward():
     ],
 )
 def test_dict_batches_that_do_not_fit_forward_are_named(batch, match):
-    from mesimp_compress.batches import KeywordBatches, forward_order
+    from mesimp_compress.batches import KeywordBatches
+    from mesimp_compress.inputs import forward_order
 
     with pytest.raises(DataError, match=match):
         list(KeywordBatches([batch], forward_order(_Model()), "train data"))

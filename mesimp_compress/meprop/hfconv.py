@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from ..hfconv1d import widths
-from .functions import record_hook
-from .linear import _LinearFn
-from .settings import MePropSettings, Swappable, build_settings, runs_dense
+from .linear import linear_forward
+from .settings import MePropSettings, Swappable, build_settings
 
 
 class MePropHFConv1D(Swappable):
@@ -36,18 +35,8 @@ class MePropHFConv1D(Swappable):
         return wrapper_for(type(module))._swap_in(module, settings)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        s = self.meprop
-        weight = self.weight
-        if runs_dense(s, x, weight, self.bias):
-            return self.BASE.forward(self, x)
-        width = weight.shape[1]
-        if s.k >= width:
-            out = self.BASE.forward(self, x)
-            if s.tracker is not None:
-                examples = x.shape[0] if x.dim() > 1 else 1
-                out.register_hook(record_hook(s, s.key, examples, width))
-            return out
-        return _LinearFn.apply(x, weight.t(), self.bias, s, s.k)
+        return linear_forward(self.meprop, x, self.weight.t(), self.bias,
+                              lambda *_: self.BASE.forward(self, x))
 
     def __reduce_ex__(self, protocol: Any) -> Any:  # the class is made at run time
         return _blank, (self.BASE,), self.__dict__.copy()

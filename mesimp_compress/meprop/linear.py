@@ -121,23 +121,29 @@ class MePropLinear(Swappable, nn.Linear):
         return cls._swap_in(module, _settings(module, key, k, mode, sparse_bias, tracker))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        s = self.meprop
-        weight = self.weight
-        if runs_dense(s, input, weight, self.bias):
-            return F.linear(input, weight, self.bias)
-        width = weight.shape[0]
-        if s.k >= width:
-            out = F.linear(input, weight, self.bias)
-            if s.tracker is not None:
-                examples = input.shape[0] if input.dim() > 1 else 1
-                out.register_hook(record_hook(s, s.key, examples, width))
-            return out
-        return _LinearFn.apply(input, weight, self.bias, s, s.k)
+        return linear_forward(self.meprop, input, self.weight, self.bias, F.linear)
 
     def extra_repr(self) -> str:  # noqa: D102
         s = self.meprop
         return f"{super().extra_repr()}, k={s.k}, mode={s.mode}, sparse_bias={s.sparse_bias}"
 
+
+
+def linear_forward(s: MePropSettings, x: torch.Tensor, weight: torch.Tensor, bias: Any,
+                   dense: Any) -> torch.Tensor:
+    """The forward of a meProp layer computing ``x @ weight.T + bias`` (``weight``: out x in):
+    ``dense(x, weight, bias)`` where backprop stays dense (recording every unit as selected
+    when k covers the width), else the meProp Function."""
+    if runs_dense(s, x, weight, bias):
+        return dense(x, weight, bias)
+    width = weight.shape[0]
+    if s.k >= width:
+        out = dense(x, weight, bias)
+        if s.tracker is not None:
+            examples = x.shape[0] if x.dim() > 1 else 1
+            out.register_hook(record_hook(s, s.key, examples, width))
+        return out
+    return _LinearFn.apply(x, weight, bias, s, s.k)
 
 
 def _settings(module: nn.Module, key: str, k: Any, mode: str, sparse_bias: bool,
