@@ -38,6 +38,8 @@ step and later backward passes fill ``.grad`` again.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -75,16 +77,22 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # noqa: D105
         super().__setstate__(state)
-        self._rows = {}
+        # load_state_dict comes through here too: rows a backward left pending stay for
+        # the next step, as torch's optimizers leave .grad alone; an unpickled copy has none
+        self._rows = getattr(self, "_rows", {})
         for group in self.param_groups:
             for param in group["params"]:
                 rowgrad.claim(param, self)
         _watch_other_steps()
 
     def add_rows(self, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Accumulate a row gradient of ``param`` until the next step (no rows: nothing)."""
+        """Accumulate a row gradient of ``param`` until the next step (no rows: nothing).
+
+        Values are kept in ``param``'s dtype, as autograd keeps ``.grad``: rows computed
+        under autocast are summed and unscaled in full precision, not in float16/bfloat16
+        (where a GradScaler's unscale would flush small gradients to zero)."""
         if rows.numel():
-            self._rows.setdefault(param, []).append((rows, values))
+            self._rows.setdefault(param, []).append((rows, values.to(param.dtype)))
 
     def row_grad(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The pending row gradient of ``param`` as (unique rows, summed values), if any."""
@@ -134,7 +142,6 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     yield param, grad, None, None
                 continue
             rows, values = _coalesce(pending)
-            values = values.to(param.dtype)
             if grad is None or not bool(grad.any()):  # a .grad zeroed in place is no dense
                 yield param, None, rows, values  # part: the step stays a row step
             else:
@@ -184,11 +191,13 @@ class RowSparseAdam(RowSparseOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
-        _check(lr >= 0.0, f"lr must be >= 0; got {lr!r}")
-        _check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+        _check(_number(lr) and lr >= 0.0, f"lr must be a finite number >= 0; got {lr!r}")
+        _check(isinstance(betas, (tuple, list)) and len(betas) == 2
+               and all(_number(b) and 0.0 <= b < 1.0 for b in betas),
                f"betas must be two numbers in [0, 1); got {betas!r}")
-        _check(eps >= 0.0, f"eps must be >= 0; got {eps!r}")
-        _check(weight_decay >= 0.0, f"weight_decay must be >= 0; got {weight_decay!r}")
+        _check(_number(eps) and eps >= 0.0, f"eps must be a finite number >= 0; got {eps!r}")
+        _check(_number(weight_decay) and weight_decay >= 0.0,
+               f"weight_decay must be a finite number >= 0; got {weight_decay!r}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
                                   "weight_decay": weight_decay})
 
@@ -237,9 +246,11 @@ class RowSparseSGD(RowSparseOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False) -> None:
-        _check(lr >= 0.0, f"lr must be >= 0; got {lr!r}")
-        _check(0.0 <= momentum < 1.0, f"momentum must be in [0, 1); got {momentum!r}")
-        _check(weight_decay >= 0.0, f"weight_decay must be >= 0; got {weight_decay!r}")
+        _check(_number(lr) and lr >= 0.0, f"lr must be a finite number >= 0; got {lr!r}")
+        _check(_number(momentum) and 0.0 <= momentum < 1.0,
+               f"momentum must be a number in [0, 1); got {momentum!r}")
+        _check(_number(weight_decay) and weight_decay >= 0.0,
+               f"weight_decay must be a finite number >= 0; got {weight_decay!r}")
         _check(not nesterov or momentum > 0, "nesterov needs momentum > 0")
         super().__init__(params, {"lr": lr, "momentum": momentum,
                                   "weight_decay": weight_decay, "nesterov": bool(nesterov)})
@@ -323,6 +334,16 @@ def _coalesce(
 def _fusable(tensor: torch.Tensor) -> bool:
     return tensor.device.type in ("cpu", "cuda") and tensor.dtype in (
         torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _number(value: Any) -> bool:
+    """A finite real number or one-element tensor (a bool is not one)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return False
+        value = value.item()
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _check(ok: bool, message: str) -> None:

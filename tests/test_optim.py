@@ -210,6 +210,12 @@ def test_state_is_param_shaped_and_round_trips():
     lambda p: RowSparseSGD(p, momentum=1.5),
     lambda p: RowSparseSGD(p, nesterov=True),
     lambda p: RowSparseSGD(p, weight_decay=-0.1),
+    lambda p: RowSparseAdam(p, lr=None),
+    lambda p: RowSparseAdam(p, lr=float("nan")),
+    lambda p: RowSparseAdam(p, betas=0.9),
+    lambda p: RowSparseAdam(p, weight_decay=float("inf")),
+    lambda p: RowSparseSGD(p, lr="0.1"),
+    lambda p: RowSparseSGD(p, momentum=True),
 ])
 def test_bad_hyperparameters(make):
     with pytest.raises(ConfigError):
@@ -286,6 +292,55 @@ def test_grad_scaler_unscales_row_gradients_and_skips_overflowing_steps(name):
     assert scaler.get_scale() == 2.0**15
     assert all(torch.equal(p, b) for p, b in zip(scaled.parameters(), before, strict=True))
     assert opt_scaled.row_grad(scaled[0].weight) is None  # the skipped step's rows are gone
+
+
+def test_float16_rows_are_unscaled_in_the_weights_precision():
+    """Under float16 autocast meProp computes the rows in float16; unscaled there, gradients
+    of a small loss flushed to zero (no weight row moved while dense Adam moved all k)."""
+    moved = {}
+    for name, make in (("rows", RowSparseAdam), ("dense", torch.optim.Adam)):
+        model = _mlp(2)
+        apply_meprop(model, 3)
+        opt, before = make(model.parameters(), lr=1e-3), model[0].weight.detach().clone()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        torch.manual_seed(5)
+        x, w = torch.randn(64, 5), torch.randn(64, 3)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = (model(x) * w).sum() * 1e-7
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        moved[name] = model[0].weight.detach() - before
+    assert int((moved["dense"] != 0).any(1).sum()) == 3
+    torch.testing.assert_close(moved["rows"], moved["dense"], atol=1e-9, rtol=0)
+
+
+def test_rows_of_accumulated_bfloat16_backwards_are_summed_in_float32():
+    sparse, opt_s, dense, opt_d = _pair(lambda p: RowSparseSGD(p, lr=1.0),
+                                        lambda p: torch.optim.SGD(p, lr=1.0))
+    for seed in range(16):
+        for model in (sparse, dense):
+            torch.manual_seed(100 + seed)
+            x, w = torch.randn(8, 5), torch.randn(8, 3)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            (out.float() * w).sum().backward()
+    rows, values = opt_s.row_grad(sparse[0].weight)
+    assert values.dtype == torch.float32
+    opt_s.step()
+    opt_d.step()
+    for p_s, p_d in zip(sparse.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p_s, p_d, atol=1e-6, rtol=0)
+
+
+def test_load_state_dict_keeps_the_rows_of_a_backward_already_run():
+    sparse, opt_s, dense, opt_d = _pair(*OPTIMIZERS["adam"])
+    for model, opt in ((sparse, opt_s), (dense, opt_d)):
+        _backward(model, 0)
+        opt.load_state_dict(opt.state_dict())  # restoring state keeps .grad: and the rows
+        opt.step()
+    for p_s, p_d in zip(sparse.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p_s, p_d, atol=1e-6, rtol=0)
+    assert not torch.equal(sparse[0].weight, _mlp(0)[0].weight)
 
 
 def test_grad_scaler_unscale_before_step_is_refused_while_rows_are_pending():
