@@ -122,6 +122,13 @@ def test_errors_for_bad_settings():
         apply_meprop(net, -2)
     with pytest.raises(KError, match=r"1\.5"):
         apply_meprop(net, 1.5)
+    with pytest.raises(ConfigError, match="tracker must be an ActivityTracker.*got int"):
+        apply_meprop(net, 2, tracker=5)  # it failed only inside the first backward
+    for call in (apply_meprop, set_k):
+        with pytest.raises(ConfigError, match=f"{call.__name__} needs an nn.Module; got str"):
+            call("net", 2)
+    with pytest.raises(ConfigError, match="remove_meprop needs an nn.Module; got str"):
+        remove_meprop("net")
     assert wrapped_layers(net) == {}  # nothing half-applied
     apply_meprop(net, 2)
     with pytest.raises(ConfigError, match="already"):

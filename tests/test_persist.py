@@ -73,10 +73,15 @@ def test_load_errors_are_typed(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="cannot read weights"):
         load_compressed(case.build(), tmp_path)
     bad = {k: v for k, v in model.state_dict().items() if k != "0.bias"}
-    with pytest.raises(CheckpointError, match="do not fit"):
+    with pytest.raises(CheckpointError,
+                       match="state_dict does not fit the model: missing '0.bias'"):
         load_compressed(case.build(), plan, bad)
     with pytest.raises(CheckpointError, match="no state_dict"):
         load_compressed(case.build(), plan)
+    numbered = dict(enumerate(model.state_dict().values()))  # keys that are not names
+    with pytest.raises(CheckpointError, match="does not fit the model: missing '0.weight'.*"
+                                              "unexpected 0, 1"):
+        load_compressed(case.build(), plan, numbered)
 
 
 def test_damaged_files_and_wrong_arguments_are_typed_errors(tmp_path) -> None:

@@ -22,7 +22,7 @@ from .conv import MePropConv1d, MePropConv2d
 from .hfconv import MePropHFConv1D
 from .linear import MePropLinear
 from .lstm import MePropLSTM
-from .settings import check_mode, resolve_k
+from .settings import check_mode, check_tracker, resolve_k
 
 WRAPPERS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: MePropLinear,
@@ -68,7 +68,9 @@ def apply_meprop(
     dense backprop: the one named, else the last eligible module in definition order (name
     it when a model defines its head first; ``mc.compress`` finds it by tracing).
     """
+    _check_module(model, "apply_meprop")
     check_mode(mode)
+    check_tracker(tracker)
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     modules = dict(model.named_modules())
     already = [name for name, m in modules.items() if isinstance(m, WRAPPED)]
@@ -103,6 +105,7 @@ def apply_meprop(
 
 def remove_meprop(model: nn.Module) -> nn.Module:
     """Turn every meProp layer of ``model`` back into its original class; return the model."""
+    _check_module(model, "remove_meprop")
     for module in model.modules():
         if isinstance(module, WRAPPED):
             module.unwrap()
@@ -111,6 +114,7 @@ def remove_meprop(model: nn.Module) -> nn.Module:
 
 def set_k(model: nn.Module, k: int | float | None) -> None:
     """Set k of every meProp layer (a fraction is of each layer's width at wrap time)."""
+    _check_module(model, "set_k")
     layers = wrapped_layers(model)
     resolved = {name: resolve_k(k, m.meprop.original_width, name) for name, m in layers.items()}
     for name, module in layers.items():
@@ -147,3 +151,8 @@ def _no_match(pattern: str, modules: dict[str, nn.Module], candidates: list[str]
             "Hugging Face's Conv1D are eligible"
         )
     return f"include pattern '{pattern}' matches no eligible module; eligible: {candidates[:20]}"
+
+
+def _check_module(model: Any, call: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{call} needs an nn.Module; got {type(model).__name__}")

@@ -10,7 +10,9 @@ nn.LSTM. Backward, per direction:
    4k gate rows of W_ih and W_hh) and their cell states (an elementwise recurrence);
 3. run BPTT restricted to S: dL/dh_t and dL/dc_t are kept for the units of S only, so
    each step is a (batch x 4k) @ (4k x k) matmul; W_ih, W_hh and both biases get gradients
-   for the 4k gate rows of S, the layer input and (h0, c0) get theirs through them.
+   for the 4k gate rows of S, the layer input gets its gradient through them, and (h0, c0)
+   get theirs for the units of S only (the initial state is one more step of the
+   restricted recurrence; the other units' entries are zero).
 
 Packed sequences run in their packed layout (rows of step t are the first ``batch_sizes[t]``
 sequences), so padded positions never exist here and contribute neither hits nor gradients.

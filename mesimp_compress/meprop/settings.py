@@ -67,7 +67,19 @@ def build_settings(
 ) -> MePropSettings:
     """Validated settings for a layer named ``layer`` (its key) of ``width`` units."""
     return MePropSettings(layer, resolve_k(k, width, layer or "(unnamed)"), width, check_mode(mode),
-                          bool(sparse_bias), tracker)
+                          bool(sparse_bias), check_tracker(tracker))
+
+
+def check_tracker(tracker: Any) -> Any:
+    """``tracker`` if it is None or records activity (an ActivityTracker or alike), else
+    ConfigError: a wrong object would fail only inside the first backward."""
+    if tracker is None or all(callable(getattr(tracker, name, None))
+                              for name in ("record", "record_selected")):
+        return tracker
+    raise ConfigError(
+        f"tracker must be an ActivityTracker (with record and record_selected); got "
+        f"{type(tracker).__name__}"
+    )
 
 
 def resolve_k(k: Any, width: int, layer: str) -> int | None:

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, PlanError
 from ..outputs import write_synced
 from ..plan import Plan
-from ..spec import read_weights
+from ..spec import check_state_dict, read_weights
 from .apply import apply_plan
 
 PLAN_FILE = "plan.json"
@@ -83,13 +83,16 @@ def load_compressed(
         if folder is None:
             raise CheckpointError("no state_dict given and no folder to find weights.pt in")
         state_dict = folder / WEIGHTS_FILE
+    source = "the compressed state_dict"
     if not isinstance(state_dict, Mapping):
+        source = f"weights file {str(state_dict)!r}"
         state_dict = read_weights(state_dict, map_location=map_location)
         if not isinstance(state_dict, Mapping):
             raise CheckpointError(
                 f"weights file holds a {type(state_dict).__name__}, not a state_dict"
             )
     apply_plan(model, plan)
+    check_state_dict(model, state_dict, source=source)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
