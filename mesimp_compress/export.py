@@ -47,7 +47,7 @@ from .inputs import (
     resize_inputs,
 )
 from .outputs import check_parent, make_parent, remove_empty
-from .sizes import LayerSize, check_shrunk, onnx_layer_sizes
+from .sizes import LayerSize, check_shrunk, onnx_layer_sizes, unused_params
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
@@ -547,6 +547,7 @@ __all__ = [
     "export_onnx",
     "input_names_of",
     "onnx_layer_sizes",
+    "unused_params",
     "error_line",
     "quiet",
     "resize_inputs",

@@ -65,7 +65,7 @@ def prove_original(
     from .batches import user_code
     from .export import export_onnx
     from .inputs import observed_axes
-    from .sizes import onnx_layer_sizes
+    from .sizes import onnx_layer_sizes, unused_params
     from .verify import check_parity, evaluate_onnx, make_session, parity_inputs
 
     emit(sink, "stage", message="exporting and checking the original model (before fine-tuning)")
@@ -90,7 +90,8 @@ def prove_original(
                     with user_code("the model", name):
                         before(*batch)
         raise
-    sizes = onnx_layer_sizes(path, before)  # a file the size proof cannot read fails now
+    # a file the size proof cannot read fails now
+    sizes = onnx_layer_sizes(path, before, unused=unused_params(before, inputs))
     session = make_session(path)
     try:
         parity = check_parity(
@@ -204,7 +205,7 @@ def _prove(
     from .export import export_onnx
     from .latency import benchmark, dense_twin
     from .report import build_report, layer_rows, write_report
-    from .sizes import check_shrunk
+    from .sizes import check_shrunk, unused_params
     from .surgery import save_compressed
     from .verify import check_parity, evaluate_onnx, make_session
 
@@ -227,6 +228,7 @@ def _prove(
             original_model=before,
             plan=plan,
             original_sizes=proof.sizes,
+            unused=unused_params(after, inputs),
         )
 
         emit(sink, "stage", message="checking parity in onnxruntime")

@@ -21,7 +21,8 @@ to the PyTorch modules they came from in four passes:
    ``W``/``R``/``B`` tensors of an ONNX LSTM, a Conv weight (and bias) with BatchNorm folded in.
 
 A module's count in ONNX must then equal its count in PyTorch (``"match"``; an all-zero
-parameter the exporter dropped, such as a zero bias, counts as held: ``dropped``), or be 0 when its
+parameter the exporter dropped, such as a zero bias, and one ``forward`` never uses (an
+``unused`` name: the exporter leaves it out) count as held: ``dropped``), or be 0 when its
 parameters were folded into a neighbour or are unused (``"folded"``). A module may also hold
 more than its parameters when a neighbour was folded into it: every parameter is held at its
 own size, and the rest are tensors without a PyTorch counterpart, found by the fold pass or
@@ -32,8 +33,10 @@ parameters (``"computed"``): a Linear applied only to a parameter (DeBERTa's
 relative-position projections), weight normalisation's ``g`` and ``v`` stored as the one
 weight they make, a parameter scaled by a constant in ``forward``; that is taken only from a
 file of the dynamo exporter (which keeps parameter names) holding none of the module's
-parameters by name, or holding by name exactly those it keeps at their sizes, with a tensor
-of each other one's size that no module holds. Equal parameters of one
+parameters by name, or holding by name those it keeps at their sizes and, for the others it
+uses, tensors no module holds by name: ones its own nodes consume (weight normalisation's
+weight beside the Linear's bias) or, failing those, a tensor of each one's size that no
+module holds. Equal parameters of one
 module stored once (two zero-initialised offsets) are a ``"match"``. Anything else is a
 ``"mismatch"`` and a :class:`SizeError`. The compressed PyTorch model is the truth.
 """
@@ -75,8 +78,8 @@ class LayerSize:
     # elements of onnx_params beyond the module's own parameters: tensors created by folding a
     # neighbour (reported "folded") into it, e.g. the bias BatchNorm gives a bias-free Conv
     folded_in: int = 0
-    # elements of all-zero parameters the file does not hold (the exporter drops a Gemm's or
-    # Conv's all-zero bias, as freshly built Hugging Face models have)
+    # elements of parameters the file does not hold: all-zero ones (the exporter drops a Gemm's
+    # or Conv's all-zero bias, as freshly built Hugging Face models have) and unused ones
     dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,10 +88,12 @@ class LayerSize:
 
 
 def onnx_layer_sizes(
-    onnx_path: str | os.PathLike[str], model: nn.Module, *, strict: bool = True
+    onnx_path: str | os.PathLike[str], model: nn.Module, *, strict: bool = True,
+    unused: frozenset[str] | set[str] = frozenset(),
 ) -> list[LayerSize]:
     """Parameter elements per module (modules with parameters of their own) in PyTorch and in
-    the ONNX file; with ``strict``, SizeError when a module's counts disagree."""
+    the ONNX file; with ``strict``, SizeError when a module's counts disagree. ``unused``:
+    names of parameters the exported forward does not use (:func:`unused_params`)."""
     import onnx
     from onnx import numpy_helper
 
@@ -171,7 +176,8 @@ def onnx_layer_sizes(
         status = MATCH if in_onnx == count else FOLDED if in_onnx == 0 else MISMATCH
         dropped = 0
         if status == MISMATCH:
-            dropped = sum(p.numel() for n, p in own.items() if n not in found and _zero(p))
+            dropped = sum(p.numel() for n, p in own.items()
+                          if n not in found and (n in unused or _zero(p)))
             if dropped and in_onnx + dropped == count:
                 status = MATCH
             else:
@@ -192,8 +198,7 @@ def onnx_layer_sizes(
                 status, surplus[module_name] = MATCH, extra
         by_name = named & own.keys()
         if status == MISMATCH and in_onnx < count and keeps_names and (
-            not by_name or _only_own_sizes(own, by_name, shapes)
-            and _computed_from(own, by_name, unowned)
+            not by_name or _computed_from(own, by_name, shapes, unowned, unused)
         ):
             # the exporter computed constants from parameters it did not keep (found by value,
             # if at all, only by chance: a zero bias equal to another's, weight_norm's v), or
@@ -232,18 +237,20 @@ def check_shrunk(
     original_model: nn.Module | None = None,
     plan: Any = None,
     original_sizes: list[LayerSize] | None = None,
+    unused: frozenset[str] | set[str] = frozenset(),
 ) -> list[LayerSize]:
     """Prove that the compressed ONNX file holds exactly the compressed model, that the model
     has the widths ``plan`` gives, and that every layer the plan shrinks (and the file as a
     whole) is smaller than in the original; SizeError naming the first layer that is not.
-    ``original_sizes``: :func:`onnx_layer_sizes` of the original file, if already taken."""
-    sizes = onnx_layer_sizes(onnx_path, model)
+    ``original_sizes``: :func:`onnx_layer_sizes` of the original file, if already taken;
+    ``unused``: names of parameters forward does not use (:func:`unused_params`)."""
+    sizes = onnx_layer_sizes(onnx_path, model, unused=unused)
     edited = _check_plan(model, plan) if plan is not None else set()
     before = {}
     if original_model is not None:
         if original_onnx is not None:
             if original_sizes is None:
-                original_sizes = onnx_layer_sizes(original_onnx, original_model)
+                original_sizes = onnx_layer_sizes(original_onnx, original_model, unused=unused)
             before = {s.name: s for s in original_sizes}
         else:
             before = {
@@ -295,19 +302,60 @@ def check_shrunk(
     return sizes
 
 
+def unused_params(model: nn.Module, inputs: tuple[Any, ...]) -> frozenset[str]:
+    """Names of the floating-point parameters ``model``'s forward on ``inputs`` does not use
+    (a spare head, a parameter kept for checkpoints): the exporter leaves them out of the
+    file. Found from the autograd graph of one forward; frozen parameters are unfrozen for it."""
+    params = {id(p): n for n, p in model.named_parameters() if p.is_floating_point()}
+    frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    used: set[int] = set()
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            outputs = model(*inputs)
+        stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+        seen: set[int] = set()
+        while stack:
+            fn = stack.pop()
+            if id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            variable = getattr(fn, "variable", None)
+            if variable is not None:
+                used.add(id(variable))
+            stack.extend(f for f, _ in fn.next_functions if f is not None)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    return frozenset(n for i, n in params.items() if i not in used)
+
+
 # ---------------------------------------------------------------------- helpers
-def _only_own_sizes(own: dict[str, Any], by_name: set[str], shapes: dict[str, list[int]]) -> bool:
-    """Whether a module holds exactly the parameters named ``by_name``, each at its size."""
-    return set(shapes) == by_name and all(shapes[n] == list(own[n].shape) for n in by_name)
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's (nested) outputs."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
-def _computed_from(own: dict[str, Any], by_name: set[str], unowned: Counter) -> bool:
-    """Whether each parameter the file lacks by name has a tensor of its size that no module
-    holds (computed from it elementwise: scaled, negated); each such tensor is taken once."""
+def _computed_from(own: dict[str, Any], by_name: set[str], shapes: dict[str, list[int]],
+                   unowned: Counter, unused: frozenset[str] | set[str]) -> bool:
+    """Whether a module holding ``by_name`` by name has them at their own sizes and the
+    parameters it uses but lacks by name were computed into other tensors: ones the module's
+    own nodes consume, or else a tensor of each one's size that no module holds (computed
+    from it elementwise: scaled, negated; each such tensor taken once)."""
+    if not all(shapes[n] == list(own[n].shape) for n in by_name):
+        return False
+    lacking = [p for n, p in own.items() if n not in by_name and n not in unused]
+    if set(shapes) - by_name:
+        return True
     left = Counter(unowned)
-    for name, param in own.items():
-        if name in by_name:
-            continue
+    for param in lacking:
         if left[param.numel()] == 0:
             return False
         left[param.numel()] -= 1

@@ -666,6 +666,27 @@ def test_a_model_that_needs_two_examples_per_batch_is_compressed(tmp_path, data)
     assert result.widths["0"] < 32
 
 
+class _WithSpare(torch.nn.Module):
+    """The tiny MLP with a trained scalar gain and a parameter forward never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _tiny.mlp()
+        self.gain = torch.nn.Parameter(torch.tensor(1.3))
+        self.spare = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return self.mlp(x) * self.gain
+
+
+def test_a_parameter_forward_never_uses_is_no_size_error(tmp_path, data) -> None:
+    """The exporter leaves it out of both files: '' held 1 of its 9 elements, a SizeError
+    after fine-tuning (the whole run lost, its checkpoint left behind)."""
+    result = mc.compress(_WithSpare(), *data, config=CFG, out=tmp_path / "out")
+    assert result.report["status"] == "ok" and result.widths["mlp.0"] < 32
+    assert not list(tmp_path.glob(".*checkpoint*"))
+
+
 class _TimeMajor(torch.nn.Module):
     """nn.LSTM as torch builds it by default: inputs (T, B, F), one class score row per
     sequence."""

@@ -8,7 +8,14 @@ from torch import nn
 from mesimp_compress.errors import SizeError
 from mesimp_compress.export import export_onnx
 from mesimp_compress.plan import Edit
-from mesimp_compress.sizes import COMPUTED, FOLDED, MATCH, check_shrunk, onnx_layer_sizes
+from mesimp_compress.sizes import (
+    COMPUTED,
+    FOLDED,
+    MATCH,
+    check_shrunk,
+    onnx_layer_sizes,
+    unused_params,
+)
 
 torch.set_num_threads(1)
 
@@ -387,6 +394,68 @@ def test_weight_norm_stored_as_the_weight_it_makes_is_not_a_mismatch(tmp_path):
         wn = sizes["0.parametrizations.weight"]
         assert (wn.params, wn.onnx_params, wn.status) == (6 + 30, held, status)
         assert sizes["0"].status == MATCH  # the bias, by name
+
+
+def test_old_style_weight_norm_beside_a_bias_is_computed(tmp_path):
+    """torch.nn.utils.weight_norm puts g and v on the Linear itself: the file holds its bias by
+    name and the weight they make, which the Linear's node consumes (a SizeError before)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, still widely used
+        nn.utils.weight_norm(model[0])
+    with torch.no_grad():
+        model[0].weight_g.mul_(1.5)  # trained: the weight equals neither g nor v
+    path = export_onnx(model.eval(), (torch.randn(2, 6),), tmp_path / "m.onnx",
+                       exporter="dynamo").path
+    sizes = _by_name(onnx_layer_sizes(path, model))
+    assert (sizes["0"].params, sizes["0"].onnx_params, sizes["0"].status) == (
+        8 + 8 + 48, 8 + 48, COMPUTED)
+    assert sizes["2"].status == MATCH
+
+
+class _Spare(nn.Module):
+    """A used scalar gain and a parameter forward never reads (kept for old checkpoints)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.gain = nn.Parameter(torch.tensor(1.3))
+        self.spare = nn.Parameter(torch.randn(8))
+        self.frozen = nn.Parameter(torch.randn(4), requires_grad=False)
+
+    def forward(self, x):
+        return self.fc(x) * self.gain + self.frozen
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_parameter_forward_never_uses_counts_as_held(tmp_path, exporter):
+    """The exporter leaves an unused parameter out: '' held 1 + 4 of its 13 elements, a
+    SizeError after the whole fine-tuning (the checkpoint left behind)."""
+    torch.manual_seed(0)
+    model = _Spare().eval()
+    x = torch.randn(2, 6)
+    assert unused_params(model, (x,)) == {"spare"}  # the frozen one is used
+    assert not model.frozen.requires_grad
+    path = export_onnx(model, (x,), tmp_path / "m.onnx", exporter=exporter).path
+    with pytest.raises(SizeError, match="'' \\(_Spare\\) 13 in PyTorch vs 5"):
+        onnx_layer_sizes(path, model)
+    root = _by_name(onnx_layer_sizes(path, model, unused={"spare"}))[""]
+    assert (root.params, root.onnx_params, root.dropped, root.status) == (13, 5, 8, MATCH)
+
+
+def test_a_used_parameter_the_file_lacks_is_still_a_size_error_when_others_are_unused(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    model = _Spare().eval()
+    path = export_onnx(model, (torch.randn(2, 6),), tmp_path / "m.onnx", exporter="dynamo").path
+    model.extra = nn.Parameter(torch.randn(3))  # a used parameter no file tensor holds
+    model.forward = lambda x: model.fc(x) * model.gain + model.frozen + model.extra.sum()
+    with pytest.raises(SizeError, match="'' \\(_Spare\\) 16 in PyTorch vs 5"):
+        onnx_layer_sizes(path, model, unused={"spare"})
 
 
 def test_a_dynamo_file_holding_fewer_elements_of_a_layer_it_names_is_still_a_size_error(
