@@ -547,8 +547,8 @@ __all__ = [
     "export_onnx",
     "input_names_of",
     "onnx_layer_sizes",
-    "unused_params",
     "error_line",
     "quiet",
     "resize_inputs",
+    "unused_params",
 ]
