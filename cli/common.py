@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from mesimp_compress.errors import MesimpError
+from mesimp_compress.errors import MesimpError, describe
 
 try:  # Typer >= 0.20 vendors Click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -59,6 +59,8 @@ def handle_errors(func: F) -> F:
             raise fail(f"out of memory (a batch or shape too large?): {exc}") from None
         except KeyboardInterrupt:
             raise fail("interrupted", code=130) from None
+        except SystemExit as exc:  # user code (a model, factory or data) called sys.exit()
+            raise fail(f"user code {describe(exc)}") from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -24,7 +24,15 @@ from .batches import (
     to_device,
 )
 from .config import CompressConfig, read_toml
-from .errors import CheckpointError, ConfigError, DataError, MesimpError, ShapeError, describe
+from .errors import (
+    USER_FAILURES,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MesimpError,
+    ShapeError,
+    describe,
+)
 from .events import EventSink, emit
 from .inputs import batch_axis, forward_order
 from .modelcheck import check_model, copy_failed, unwrap
@@ -101,6 +109,9 @@ def compress(
         return _run(
             model, train, eval, cfg, loss, metric, output, checkpointer, state, sink, factory, world
         )
+    except SystemExit as exc:  # the library never exits: user code did, where none catches it
+        raise DataError(f"user code (the model, its data, loss or metric): "
+                        f"{describe(exc)}") from None
     finally:
         distributed.teardown(world)
 
@@ -363,7 +374,7 @@ def _first_call(role: str, given: Any, default_name: str, default: Any, outputs:
         raise ShapeError(f"the default {role} ({default_name}): {exc}") from None
     except MesimpError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever the user's function raises
+    except USER_FAILURES as exc:  # whatever the user's function raises
         raise ShapeError(f"the {role} failed on the first train batch: {describe(exc)}") from None
 
 
@@ -383,7 +394,7 @@ def _check_forward(
             outputs = model(*inputs)
     except MesimpError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
+    except USER_FAILURES as exc:  # whatever the user's forward raises
         shapes = ", ".join(
             str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs
         )

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import DataError, MesimpError, describe
+from .errors import USER_FAILURES, DataError, MesimpError, describe
 from .inputs import batch_axis
 
 TARGET_KEYS = ("labels", "label", "targets", "target")  # where a dict batch keeps its targets
@@ -121,7 +121,7 @@ def user_code(what: str, where: str) -> Iterator[None]:
         raise type(exc)(f"{where}: {exc}") from exc
     except MesimpError:
         raise
-    except Exception as exc:
+    except USER_FAILURES as exc:
         raise DataError(f"{what} failed on {where}: {describe(exc)}") from exc
 
 
@@ -131,7 +131,7 @@ def iterate(data: Iterable[Any], *, where: str) -> Iterator[Any]:
     i = 0
     try:
         it = iter(data)
-    except Exception as exc:
+    except USER_FAILURES as exc:
         raise DataError(f"{where} cannot be iterated: {describe(exc)}") from exc
     while True:
         try:
@@ -140,7 +140,7 @@ def iterate(data: Iterable[Any], *, where: str) -> Iterator[Any]:
             return
         except MesimpError:
             raise
-        except Exception as exc:
+        except USER_FAILURES as exc:
             raise DataError(f"{where} failed while reading batch {i + 1}: {describe(exc)}") from exc
         yield batch
         i += 1

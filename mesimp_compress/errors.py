@@ -11,9 +11,16 @@ class MesimpError(Exception):
     """Root of every error raised on purpose by mesimp_compress."""
 
 
+# what user code (a model, its factory, data, loss or metric) may raise that we report as
+# its failure: any Exception, and sys.exit() (the library never exits on a user's behalf)
+USER_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
 def describe(exc: BaseException) -> str:
     """``Type: first line of the message``: how a foreign error (the user's code, torch,
     a file reader) is quoted inside one of ours."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit (sys.exit({exc.code!r}) was called)"
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import DataError, SpecError
+from .errors import USER_FAILURES, DataError, SpecError, describe
 
 
 def load_data(spec: str) -> tuple[Iterable[Any], Iterable[Any]]:
@@ -19,8 +19,8 @@ def load_data(spec: str) -> tuple[Iterable[Any], Iterable[Any]]:
             raise SpecError(f"{spec} is not callable (expected a function returning (train, eval))")
         try:
             result = function()
-        except Exception as exc:  # noqa: BLE001 - user code: report it in one line
-            raise SpecError(f"{spec}() raised {type(exc).__name__}: {exc}") from None
+        except USER_FAILURES as exc:  # user code: report it in one line
+            raise SpecError(f"{spec}() raised {describe(exc)}") from None
     else:
         from .datasets import load_builtin
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, SpecError
+from .errors import USER_FAILURES, CheckpointError, SpecError, describe
 
 _NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -62,7 +62,7 @@ def load_factory(spec: str) -> nn.Module:
         return factory
     try:
         model = factory()
-    except Exception as exc:  # noqa: BLE001 - user code: report it in one line
+    except USER_FAILURES as exc:  # user code: report it in one line
         raise SpecError(f"model factory {spec}() raised {_describe(exc)}") from None
     if not isinstance(model, nn.Module):
         raise SpecError(
@@ -177,7 +177,7 @@ def _import_file(where: str, what: str) -> ModuleType:
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - user code: report it in one line
+    except USER_FAILURES as exc:  # user code: report it in one line
         sys.modules.pop(name, None)
         raise SpecError(f"importing {what} file {where!r} raised {_describe(exc)}") from None
     return module
@@ -190,7 +190,7 @@ def _import_module(where: str, what: str) -> ModuleType:
         if exc.name is not None and where.startswith(exc.name):
             raise SpecError(f"{what} module {where!r} not found ({exc})") from None
         raise SpecError(f"importing {what} module {where!r} raised {_describe(exc)}") from None
-    except Exception as exc:  # noqa: BLE001 - user code: report it in one line
+    except USER_FAILURES as exc:  # user code: report it in one line
         raise SpecError(f"importing {what} module {where!r} raised {_describe(exc)}") from None
 
 
@@ -231,6 +231,8 @@ def _identifier(text: str) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return describe(exc)
     text = " ".join(str(exc).split())
     if len(text) > 300:
         text = text[:297] + "..."

@@ -163,6 +163,10 @@ def raises() -> nn.Module:
     raise RuntimeError("factory exploded")
 
 
+def exits() -> nn.Module:
+    raise SystemExit(3)  # a script's factory that quits instead of raising
+
+
 # ---------------------------------------------------------------------- data
 def _classify(n: int, seed: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
@@ -231,6 +235,29 @@ def one_part_data():
 
 def raising_data():
     raise OSError("data source is offline")
+
+
+def exiting_data():
+    import sys
+
+    sys.exit("no data today")
+
+
+class _ExitingLoss:
+    """Cross-entropy that calls sys.exit() on its ``at``-th call (1-based)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, outputs, targets):
+        self.calls += 1
+        if self.calls == self.at:
+            self.calls = 0  # the next run in this process exits at the same call
+            raise SystemExit(0)
+        return nn.functional.cross_entropy(outputs, targets)
+
+
+exiting_loss = _ExitingLoss(at=5)
 
 
 def generator_data():

@@ -824,3 +824,25 @@ def test_a_causal_lm_given_collator_labels_is_scored_on_the_next_token() -> None
     assert result.metric_before == pytest.approx(right / (2 * 8 * 5))
     assert result.metric_after > 0.9  # learned to count on; copying the input scores 0
     assert any("TinyForCausalLM is a causal language model" in n for n in said)
+
+
+class _Quits(torch.nn.Module):
+    """The tiny MLP whose forward calls sys.exit() on its ``at``-th call."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.mlp, self.at, self.calls = _tiny.mlp(), at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.at:
+            raise SystemExit(4)
+        return self.mlp(x)
+
+
+@pytest.mark.parametrize("at", [1, 2, 3, 12])
+def test_sys_exit_in_the_model_is_a_typed_error_wherever_it_runs(tmp_path, data, at) -> None:
+    """First-batch check, tracing, the original's export, training: the library never exits."""
+    with pytest.raises(mc.MesimpError, match=r"SystemExit \(sys.exit\(4\) was called\)"):
+        mc.compress(_Quits(at), *data, config=CFG, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

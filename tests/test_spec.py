@@ -172,3 +172,13 @@ def test_unreadable_or_missing_files_are_checkpoint_errors(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="holds a list, expected a state_dict"):
         load_weights(_net(), tmp_path / "list.pt")
+
+
+def test_sys_exit_in_a_factory_or_at_import_is_a_spec_error_not_an_exit(tmp_path):
+    """The library never exits: a script's sys.exit() becomes one typed line."""
+    quits = _write(tmp_path, "quits.py", "import sys\n\ndef build():\n    sys.exit(0)\n")
+    with pytest.raises(SpecError, match=r"build\(\) raised SystemExit \(sys.exit\(0\) was called"):
+        load_factory(f"{quits}:build")
+    at_import = _write(tmp_path, "at_import.py", "import sys\nsys.exit('bye')\n")
+    with pytest.raises(SpecError, match=r"raised SystemExit \(sys.exit\('bye'\) was called\)"):
+        load_object(f"{at_import}:build")
