@@ -80,7 +80,7 @@ def bench(
     labels = _labels(models)
     if not as_json:
         err_console.print(
-            f"[dim]timing {', '.join(labels)}: batch {batches}, threads {thread_counts}[/]"
+            f"timing {', '.join(labels)}: batch {batches}, threads {thread_counts}", style="dim"
         )
     result = benchmark(
         dict(zip(labels, models, strict=True)),

@@ -8,10 +8,10 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 from typer.core import TyperGroup
 
-from mesimp_compress.errors import MesimpError, describe
+from mesimp_compress.errors import MesimpError
 
 try:  # Typer >= 0.20 vendors Click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -20,8 +20,10 @@ except ImportError:  # pragma: no cover - older Typer on top of Click
 
     NoArgsIsHelpError = ()  # type: ignore[assignment,misc]
 
-console = Console()
-err_console = Console(stderr=True)
+# markup off: layer names, paths and messages are data ("[cls]", "exp[lr=0.1]"), never Rich
+# markup; styles are given as styles
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 EXIT_USER_ERROR = 2
 
@@ -35,8 +37,8 @@ def one_line(message: str) -> str:
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
     """Print ``error: message`` on stderr as one line and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False,
-                      soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", one_line(message)),
+                      highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -59,8 +61,6 @@ def handle_errors(func: F) -> F:
             raise fail(f"out of memory (a batch or shape too large?): {exc}") from None
         except KeyboardInterrupt:
             raise fail("interrupted", code=130) from None
-        except SystemExit as exc:  # user code (a model, factory or data) called sys.exit()
-            raise fail(f"user code {describe(exc)}") from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .common import console, handle_errors
 
@@ -75,15 +75,14 @@ def _status(report: dict[str, Any], directory: Path) -> Table:
     table.add_column("", style="bold")
     table.add_column("")
     status = str(report.get("status"))
-    shown = escape(status)  # a report's strings are data, never markup
-    table.add_row("status", f"[green]{shown}[/]" if status == "ok" else f"[red]{shown}[/]")
+    table.add_row("status", Text(status, style="green" if status == "ok" else "red"))
     if report.get("error"):
-        table.add_row("error", escape(str(report["error"])))
+        table.add_row("error", str(report["error"]))
     if report.get("created"):
-        table.add_row("created", escape(str(report["created"])))
+        table.add_row("created", str(report["created"]))
     factory = (report.get("extra") or {}).get("factory")
     if factory:
-        table.add_row("model", escape(str(factory)))
+        table.add_row("model", str(factory))
     params = report.get("params") or {}
     if params.get("before") is not None:
         ratio = params.get("ratio")
@@ -100,7 +99,7 @@ def _extras(report: dict[str, Any]) -> list[Table]:
         table.add_column("layer")
         table.add_column("reason")
         for s in skipped:
-            table.add_row(escape(str(s["name"])), escape(str(s["reason"])))
+            table.add_row(str(s["name"]), str(s["reason"]))
         tables.append(table)
     rollbacks = (report.get("extra") or {}).get("rollbacks") or []
     if rollbacks:
@@ -108,7 +107,7 @@ def _extras(report: dict[str, Any]) -> list[Table]:
         for col in ("window", "layers", "metric", "threshold"):
             table.add_column(col, justify="left" if col == "layers" else "right")
         for r in rollbacks:
-            layers = escape(", ".join(map(str, r["keys"])))
+            layers = ", ".join(map(str, r["keys"]))
             table.add_row(str(r["window"]), layers, f"{r['metric']:.4f}", f"{r['threshold']:.4f}")
         tables.append(table)
     return tables

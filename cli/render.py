@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from mesimp_compress.events import Event
 
@@ -45,7 +46,8 @@ class ProgressRenderer:
         self.console.print(f"original: metric {d['metric']:.4f}  widths {_widths(d['widths'], 8)}")
 
     def _on_phase(self, d: dict[str, Any]) -> None:
-        self.console.print(f"[bold]{d['phase']} cycle {d['cycle']}[/] ({d['epochs']} epochs)")
+        self.console.print(Text.assemble((f"{d['phase']} cycle {d['cycle']}", "bold"),
+                                         f" ({d['epochs']} epochs)"))
 
     def _on_epoch_start(self, d: dict[str, Any]) -> None:
         self.close()
@@ -53,7 +55,7 @@ class ProgressRenderer:
             TextColumn(f"epoch {d['epoch'] + 1}/{d['epochs']} {d['phase']:<6}"),
             BarColumn(bar_width=24),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
+            TextColumn("{task.fields[status]}", markup=False),  # layer names are data
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
@@ -82,11 +84,12 @@ class ProgressRenderer:
 
     def _on_rollback(self, d: dict[str, Any]) -> None:
         target = self.progress.console if self.progress is not None else self.console
-        target.print(
-            f"  [yellow]rollback[/] at window {d['window']}: metric {d['metric']:.4f} "
+        target.print(Text.assemble(
+            "  ", ("rollback", "yellow"),
+            f" at window {d['window']}: metric {d['metric']:.4f} "
             f"{'>' if d['metric'] > d['threshold'] else '<'} limit {d['threshold']:.4f}; "
-            f"frozen {', '.join(d['keys'])}"
-        )
+            f"frozen {', '.join(map(str, d['keys']))}"
+        ))
 
     def _on_done(self, d: dict[str, Any]) -> None:
         self.close()
@@ -103,12 +106,12 @@ class ProgressRenderer:
 
     def _on_note(self, d: dict[str, Any]) -> None:
         target = self.progress.console if self.progress is not None else self.console
-        target.print(f"[dim]note: {d['message']}[/]")
+        target.print(f"note: {d['message']}", style="dim")
 
     # -- export and verify
     def _on_stage(self, d: dict[str, Any]) -> None:
         self.close()
-        self.console.print(f"[dim]{d['message']}[/]")
+        self.console.print(str(d["message"]), style="dim")
 
 
 def summary_table(report: dict[str, Any]) -> list[Table]:
@@ -119,7 +122,7 @@ def summary_table(report: dict[str, Any]) -> list[Table]:
         layers.add_column(col, justify="right" if col != "layer" else "left")
     for row in report.get("layers", []):
         layers.add_row(
-            row["name"],
+            str(row["name"]),
             str(row["width_before"]),
             str(row["width_after"]),
             f"{row['params_before']:,}",

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ConfigError, ExportError, ShapeError
+from .errors import USER_FAILURES, ConfigError, ExportError, ShapeError, describe
 from .events import EventSink, emit
 from .inputs import (
     BATCH,
@@ -509,7 +509,7 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     try:
         with torch.no_grad():
             out = model(*inputs)
-    except Exception as exc:  # noqa: BLE001 - user model: report it in one line
+    except USER_FAILURES as exc:  # user model (even a sys.exit()): report it in one line
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise ShapeError(
             f"the model failed {what.format(shapes)}: {error_line(exc)}"
@@ -524,6 +524,8 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 
 def error_line(exc: BaseException, limit: int = 240) -> str:
     """``Type: message`` in one line, from an exporter's (often pages long) message."""
+    if isinstance(exc, SystemExit):
+        return describe(exc)
     text = str(exc)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     pick = next((ln for ln in lines if ln.startswith("<class '")), None)

@@ -310,3 +310,22 @@ def nan_mlp() -> nn.Module:
     with torch.no_grad():
         model[2].weight[0, 0] = float("inf")
     return model
+
+
+class _Bracketed(nn.Module):
+    """The tiny MLP with layer names that look like Rich markup (a ModuleDict key may be any
+    string): '[/]' closes a tag, '[cls]' would vanish as an unknown style."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleDict({"[/]": nn.Linear(IN_FEATURES, 32),
+                                     "[cls]": nn.Linear(32, 24), "out": nn.Linear(24, CLASSES)})
+
+    def forward(self, x):
+        x = self.layers["[/]"](x).relu()
+        return self.layers["out"](self.layers["[cls]"](x).relu())
+
+
+def bracketed() -> nn.Module:
+    return _Bracketed()

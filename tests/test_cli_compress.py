@@ -151,3 +151,22 @@ def test_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(tmp_path, monkeypat
     Checkpointer(default_dir(out)).save({"window": 1})
     later = runner.invoke(app, args)
     assert later.exit_code == 130 and "rerun the same command with --resume" in later.output
+
+
+def test_names_and_paths_that_look_like_markup_are_printed_as_written(tmp_path,
+                                                                     monkeypatch) -> None:
+    """Layer '[/]' stopped the run with a MarkupError after fine-tuning, '[cls]' vanished,
+    and --out 'exp[lr=0.1]' was reported as 'wrote exp'."""
+    monkeypatch.chdir(tmp_path)
+    out = "exp[lr=0.1]"
+    result = runner.invoke(app, [
+        "compress", _tiny.spec("bracketed"), "--data", _tiny.spec("mlp_data"), "--out", out,
+        "--k", "8", "--epochs", "1", "--recovery-epochs", "0", "--window", "0.5",
+        "--threads", "1", "--batches", "1",
+    ], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.stdout
+    shown = runner.invoke(app, ["inspect", str(out)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    for text in (result.stdout, shown.stdout):
+        assert "layers.[/]" in text and "layers.[cls]" in text and out in text
