@@ -261,7 +261,8 @@ class FineTuner:
                     )
                 epoch_no += 1
         if self._guard is not None and self.history:  # the run ended before its check was due
-            self._check_guard(self.history[-1].metric, due=True)
+            last = self.history[-1]
+            self._check_guard(last.metric, last.window, due=True)
 
     def _enter(self, phase: Phase) -> None:
         dense = phase.kind == "normal" and self.cfg.normal_backprop == "dense"
@@ -409,7 +410,7 @@ class FineTuner:
         )
         self.history.append(record)
         emit(self.sink, "window", **record.to_dict())
-        self._check_guard(metric)
+        self._check_guard(metric, self.window_index)
         self.window_index += 1
 
     def _prune(self) -> dict[str, list[int]]:
@@ -448,9 +449,9 @@ class FineTuner:
             "bench": self.simp.state(),
         }
 
-    def _check_guard(self, metric: float, *, due: bool = False) -> None:
-        """After a window (``metric`` its metric): roll back the pending prunes once their
-        recovery windows are over (or now, when ``due``) if the metric fell too far."""
+    def _check_guard(self, metric: float, window: int, *, due: bool = False) -> None:
+        """After window ``window`` (``metric`` its metric): roll back the pending prunes once
+        their recovery windows are over (or now, when ``due``) if the metric fell too far."""
         guard = self._guard
         if guard is None:
             return
@@ -471,7 +472,7 @@ class FineTuner:
         self.simp.restore(snap["bench"], self.model)
         self.net = wrap(self.model, self.world, self.device)
         self.frozen.update(guard["keys"])
-        rollback = Rollback(self.window_index, guard["keys"], metric, threshold)
+        rollback = Rollback(window, guard["keys"], metric, threshold)
         self.rollbacks.append(rollback)
         emit(self.sink, "rollback", **rollback.to_dict())
 

@@ -291,7 +291,9 @@ def test_a_check_still_pending_when_the_run_ends_is_made_at_its_end(data) -> Non
     ft = tuner(model, data, k=4, prune_rate=0.9, window=0.25, lr=1e-6, max_drop=0.0,
                recovery_windows=50, compensate=False)  # never due within the run
     result = ft.run()
-    assert result.rollbacks and result.rollbacks[0].window == len(result.history)
+    last = result.history[-1]  # the window whose metric made it (it named one past the end)
+    assert result.rollbacks and result.rollbacks[0].window == last.window == len(result.history) - 1
+    assert result.rollbacks[0].metric == last.metric
     assert {k: len(v) for k, v in result.kept.items()} == {"0": 32, "2": 24}
     assert result.metric_after >= result.metric_before - 0.02  # lr 1e-6: all but unchanged
 
