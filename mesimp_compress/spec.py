@@ -83,7 +83,10 @@ def load_weights(
     loaded = read_weights(file, trust_pickle=trust_pickle)
     state = _state_dict_of(loaded, file)
     check_state_dict(model, state, source=str(file))
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # e.g. a value torch cannot copy into a parameter
+        raise CheckpointError(f"{file}: cannot load it into the model: {_describe(exc)}") from None
     return model
 
 
@@ -143,6 +146,10 @@ def check_state_dict(
         raise CheckpointError(
             f"{source}: '{other[0]}' is a {type(state[other[0]]).__name__}, not a tensor"
         )
+    for k, v in expected.items():
+        kind = _not_dense(state[k]) if isinstance(v, torch.Tensor) else None
+        if kind is not None:
+            raise CheckpointError(f"{source}: '{k}' is {kind}; save dense tensors with data")
     wrong = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
@@ -154,6 +161,18 @@ def check_state_dict(
 
 
 # ---------------------------------------------------------------------- helpers
+def _not_dense(tensor: torch.Tensor) -> str | None:
+    """What keeps ``tensor`` from loading into a parameter: a sparse or nested layout, or
+    the meta device (no data); None for an ordinary tensor."""
+    if tensor.is_nested:
+        return "a nested tensor"
+    if tensor.layout != torch.strided:
+        return f"a {str(tensor.layout).removeprefix('torch.')} tensor"
+    if tensor.is_meta:
+        return "on the meta device (it holds no data)"
+    return None
+
+
 def _is_file(where: str) -> bool:
     return where.endswith(".py") or "/" in where or os.sep in where
 

@@ -182,3 +182,17 @@ def test_sys_exit_in_a_factory_or_at_import_is_a_spec_error_not_an_exit(tmp_path
     at_import = _write(tmp_path, "at_import.py", "import sys\nsys.exit('bye')\n")
     with pytest.raises(SpecError, match=r"raised SystemExit \(sys.exit\('bye'\) was called\)"):
         load_object(f"{at_import}:build")
+
+
+@pytest.mark.parametrize("spoil, says", [
+    (lambda t: t.to_sparse(), "'0.weight' is a sparse_coo tensor"),
+    (lambda t: t.to("meta"), "'0.weight' is on the meta device"),
+    (lambda t: torch.nested.nested_tensor([t[0], t[1]]), "'0.weight' is a nested tensor"),
+])
+def test_tensors_without_dense_data_are_checkpoint_errors(tmp_path, spoil, says):
+    """They passed the key and shape checks and failed in load_state_dict (a traceback)."""
+    state = _net().state_dict()
+    state["0.weight"] = spoil(state["0.weight"])
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=says):
+        load_weights(_net(), tmp_path / "w.pt")
