@@ -184,6 +184,7 @@ def test_sys_exit_in_a_factory_or_at_import_is_a_spec_error_not_an_exit(tmp_path
         load_object(f"{at_import}:build")
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 @pytest.mark.parametrize("spoil, says", [
     (lambda t: t.to_sparse(), "'0.weight' is a sparse_coo tensor"),
     (lambda t: t.to("meta"), "'0.weight' is on the meta device"),
