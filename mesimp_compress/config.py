@@ -159,8 +159,8 @@ class CompressConfig:
             _int_min("epoch_batches", self.epoch_batches, 1)
         _int_min("cycles", self.cycles, 1)
         _int_min("recovery_epochs", self.recovery_epochs, 0)
-        _range("lr", self.lr, 0.0, math.inf, low_open=True)
-        _range("weight_decay", self.weight_decay, 0.0, math.inf, low_open=False)
+        _range("lr", self.lr, 0.0, FLOAT32_MAX, low_open=True)
+        _range("weight_decay", self.weight_decay, 0.0, FLOAT32_MAX, low_open=False)
         if self.sparse_update and self.optimizer == "adamw" and self.weight_decay > 0:
             raise ConfigError(
                 "sparse_update steps adam or sgd: adamw's decoupled weight decay would move "
@@ -170,9 +170,9 @@ class CompressConfig:
         _int_min("min_width", self.min_width, 1)
         _int_min("round_to", self.round_to, 1)
         _int_min("batch_dim", self.batch_dim, 0, 1)
-        _range("distill", self.distill, 0.0, math.inf, low_open=False)
-        _range("temperature", self.temperature, 0.0, math.inf, low_open=True)
-        _range("layer_weight", self.layer_weight, 0.0, math.inf, low_open=False)
+        _range("distill", self.distill, 0.0, FLOAT32_MAX, low_open=False)
+        _range("temperature", self.temperature, 0.0, FLOAT32_MAX, low_open=True)
+        _range("layer_weight", self.layer_weight, 0.0, FLOAT32_MAX, low_open=False)
         if self.max_drop is not None:
             _range("max_drop", self.max_drop, 0.0, math.inf, low_open=False)
         _int_min("recovery_windows", self.recovery_windows, 1)
@@ -368,6 +368,10 @@ def _check_k(k: Any) -> None:
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+
+
+# the largest float32: learning rates, decays and loss weights multiply float32 tensors
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _range(name: str, value: Any, low: float, high: float, *, low_open: bool) -> None:

@@ -80,6 +80,15 @@ def test_infinite_numbers_are_refused(key):
         CompressConfig(**{key: float("inf")})
 
 
+@pytest.mark.parametrize("key", ["lr", "weight_decay", "temperature", "distill", "layer_weight"])
+def test_numbers_beyond_float32_are_refused(key):
+    """lr 1e39 passed and failed in the first optimizer step with a RuntimeError traceback
+    ('value cannot be converted to type float without overflow')."""
+    with pytest.raises(ConfigError, match=f"{key} must lie in .*3.4028.*e\\+38\\], got 1e\\+39"):
+        CompressConfig(**{key: 1e39})
+    assert getattr(CompressConfig(**{key: 3e38}), key) == 3e38
+
+
 @pytest.mark.parametrize("key", ["sparse_update", "sparse_bias", "allow_residual", "quantize"])
 def test_on_off_settings_built_in_python_must_be_bools(key):
     """'no' is truthy: CompressConfig(sparse_update='no') once built a row-sparse optimizer."""
