@@ -10,6 +10,7 @@ including those at the start of every epoch so that the data order can be replay
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -24,6 +25,9 @@ from .outputs import write_synced
 FILE = "checkpoint.pt"
 FORMAT = "mesimp-checkpoint"
 VERSION = 1
+# what every checkpoint holds (later keys, such as "notes" or "origin", may be absent)
+REQUIRED = ("config", "epoch", "batch", "window", "step", "plan", "model", "optimizer",
+            "tracker", "history", "rollbacks", "frozen", "metric_before", "epoch_rng", "rng")
 
 
 def default_dir(out: str | os.PathLike[str]) -> Path:
@@ -62,11 +66,37 @@ class Checkpointer:
             raise CheckpointError(f"{self.path} is not a mesimp checkpoint")
         if state.get("version") != VERSION:
             raise CheckpointError(f"checkpoint version {state.get('version')!r} is not supported")
+        if not isinstance(state.get("config"), dict):
+            raise CheckpointError(f"{self.path} is damaged: it holds no settings")
         return state
+
+    def check(self, state: dict[str, Any]) -> None:
+        """CheckpointError unless ``state`` holds all a resume reads."""
+        missing = [key for key in REQUIRED if key not in state]
+        if missing:
+            raise CheckpointError(f"{self.path} is damaged: it lacks {', '.join(missing[:4])}")
+        for key in ("plan", "model", "optimizer", "tracker"):
+            if not isinstance(state[key], dict):
+                raise CheckpointError(
+                    f"{self.path} is damaged: its {key} is a {type(state[key]).__name__}"
+                )
 
     def clear(self) -> None:
         """Remove the checkpoint folder (after a successful run)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A digest of ``model``'s state_dict (names, dtypes, shapes, values): a resume must
+    start from the same original weights as the run it continues."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        data = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:

@@ -31,7 +31,7 @@ from .batches import (
     to_device,
     user_code,
 )
-from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .checkpoint import Checkpointer, fingerprint, rng_state, set_rng_state
 from .config import CompressConfig
 from .distributed import World, wrap
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError
@@ -141,6 +141,8 @@ class FineTuner:
         self.world = world or World()
         self.checkpointer = checkpoint
         self.resume = resume
+        # the original weights the run starts from: a resume must start from the same ones
+        self.origin = fingerprint(model) if checkpoint is not None else None
         self.epoch_rng: dict[str, Any] | None = None  # generators at the start of this epoch
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
@@ -519,6 +521,7 @@ class FineTuner:
             {
                 "config": self.cfg.to_dict(),
                 "data": self._data_signature(),
+                "origin": self.origin,
                 "epoch": epoch,
                 "batch": batch,
                 "window": self.window_index,
@@ -550,12 +553,19 @@ class FineTuner:
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
         """Bring the freshly wrapped full-size model to the checkpoint; return the position."""
+        if self.checkpointer is not None:
+            self.checkpointer.check(state)
         saved, now = state.get("data"), self._data_signature()
         if saved is not None and saved != now:
             raise CheckpointError(
                 f"the checkpoint was made on other train data ({saved['batches']} batches per "
                 f"epoch, {saved['examples']} examples; now {now['batches']}, "
                 f"{now['examples']}): resume with the data it was made on"
+            )
+        if state.get("origin") not in (None, self.origin):
+            raise CheckpointError(
+                "the checkpoint was made from other original weights (another weights file or "
+                "model): resume with the ones it was made from"
             )
         self._unwrap()  # DDP holds the full-size model's buckets: let them go
         pristine = copy.deepcopy(self.model) if state.get("guard") else None

@@ -846,3 +846,42 @@ def test_sys_exit_in_the_model_is_a_typed_error_wherever_it_runs(tmp_path, data,
     with pytest.raises(mc.MesimpError, match=r"SystemExit \(sys.exit\(4\) was called\)"):
         mc.compress(_Quits(at), *data, config=CFG, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+class _StopAfterCheckpoint(Exception):
+    pass
+
+
+def _stop_at_first_checkpoint(event) -> None:
+    if event.kind == "checkpoint":
+        raise _StopAfterCheckpoint
+
+
+def test_a_resume_from_other_original_weights_is_refused(tmp_path, data) -> None:
+    """Resuming with another weights file mixed two models: the report's metric before came
+    from the checkpoint's original, original.onnx and the teacher from the new one."""
+    from mesimp_compress.checkpoint import Checkpointer, default_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(_StopAfterCheckpoint):
+        mc.compress(_tiny.mlp(), *data, config=CFG, out=out, sink=_stop_at_first_checkpoint)
+    assert Checkpointer(default_dir(out)).exists()
+    other = _tiny.mlp()
+    with torch.no_grad():
+        other[0].weight.mul_(1.01)
+    with pytest.raises(mc.CheckpointError, match="made from other original weights"):
+        mc.compress(other, *data, config=CFG, out=out, resume=True)
+    result = mc.compress(_tiny.mlp(), *data, config=CFG, out=out, resume=True)
+    assert result.report["status"] == "ok"
+
+
+def test_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path, data) -> None:
+    from mesimp_compress.checkpoint import Checkpointer, default_dir
+
+    out = tmp_path / "out"
+    Checkpointer(default_dir(out)).save({"config": CFG.to_dict()})  # settings, nothing else
+    with pytest.raises(mc.CheckpointError, match="is damaged: it lacks epoch, batch, window"):
+        mc.compress(_tiny.mlp(), *data, config=CFG, out=out, resume=True)
+    Checkpointer(default_dir(out)).save({"plan": {}})
+    with pytest.raises(mc.CheckpointError, match="is damaged: it holds no settings"):
+        mc.compress(_tiny.mlp(), *data, config=CFG, out=out, resume=True)
