@@ -28,6 +28,8 @@ class OutputDir:
 
     def __init__(self, path: str | Path, *, force: bool = False) -> None:
         self.path = Path(path)
+        if self.path.is_symlink():  # write where it points (the link stays), even dangling:
+            self.path = Path(os.path.realpath(self.path))  # renaming over it replaced the link
         self.force = force
         if self.path.name in ("", ".", ".."):
             raise OutputError(

@@ -133,3 +133,24 @@ def test_published_folders_and_files_get_the_umask_mode_not_a_private_one(tmp_pa
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [target, *target.iterdir()]}
     assert modes == {"run": 0o750, "report.json": 0o640, "plan.json": 0o640, "weights.pt": 0o640}
+
+
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_an_output_that_is_a_symlink_is_written_where_it_points(tmp_path, target_exists):
+    """The rename replaced the link with a folder and left a hidden '.link.old-PID' link
+    for good; a dangling link failed with NotADirectoryError after the whole run."""
+    real = tmp_path / "data" / "runs"
+    if target_exists:
+        real.mkdir(parents=True)
+    else:
+        (tmp_path / "data").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    out = OutputDir(link)
+    out.write_json("report.json", {"a": 1})
+    out.commit()
+    assert link.is_symlink() and json.loads((link / "report.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "link"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["runs"]
+    with pytest.raises(OutputExistsError, match="--force"):
+        OutputDir(link)  # the folder it points to is not empty now
