@@ -132,6 +132,8 @@ def benchmark(
         raise ConfigError("benchmark needs at least one model")
     check_settings(batches=batches, threads=threads, rounds=rounds, block=block,
                    warmup=warmup, max_seconds=max_seconds, seq=seq)
+    if seq is None:  # the example's own length is timed: say which
+        seq = example_seq(example_inputs, axes)
     settings = {
         "warmup": warmup,
         "rounds": rounds,
@@ -160,6 +162,15 @@ def benchmark(
             result.rows.append(row)
             emit(sink, "bench_row", row=flat_row(row, result.baseline))
     return result
+
+
+def example_seq(inputs: Sequence[Any], axes: Sequence[Mapping[int, str]] | None) -> int | None:
+    """The length of the first ``"seq"`` axis of ``inputs`` (None without one)."""
+    for x, named in zip(inputs, axes or (), strict=False):
+        for dim, name in named.items():
+            if name == SEQ and isinstance(x, torch.Tensor) and dim < x.dim():
+                return int(x.shape[dim])
+    return None
 
 
 def check_settings(*, batches: Sequence[int], threads: Sequence[int], rounds: int, block: int,

@@ -120,6 +120,9 @@ def test_inputs_from_an_onnx_signature_size_batch_and_sequence(tmp_path):
         input_names=names,
     )
     assert result.rows[0].seq == 5 and result.rows[0].speedups == {}
+    as_given = benchmark({"tagger": path}, inputs, batches=(2,), warmup=0, rounds=1, block=1,
+                         axes=axes, input_names=names)
+    assert as_given.rows[0].seq == as_given.settings["seq"] == 11  # the length it timed (None)
 
 
 class _Packed(nn.Module):
