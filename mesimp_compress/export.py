@@ -186,7 +186,7 @@ def _export_with_fallback(
             _EXPORT[name](job, scratch / target.name)
             check_onnx(scratch / target.name)
             _check_dynamic(scratch / target.name, job)
-            _check_resized(scratch / target.name, job)
+            _declare_outputs(scratch / target.name, _check_resized(scratch / target.name, job))
             _check_opset(scratch / target.name, job)
             for part in sorted(scratch.iterdir(), key=lambda p: p.name == target.name):
                 os.replace(part, target.parent / part.name)
@@ -289,7 +289,7 @@ def _check_dynamic(path: Path, job: _Job) -> None:
                 )
 
 
-def _check_resized(path: Path, job: _Job) -> None:
+def _check_resized(path: Path, job: _Job) -> dict[int, dict[int, str]]:
     """The file must run at other sizes of its dynamic axes and give PyTorch's outputs there:
     an exporter can declare an axis dynamic yet bake its size into a Reshape (the dynamo
     exporter does, for stacked LSTMs) or into pooling windows (adaptive pooling to a fixed
@@ -297,13 +297,14 @@ def _check_resized(path: Path, job: _Job) -> None:
     example's length); where PyTorch itself fails at both, nothing is checked. Values are
     compared only when the file agrees with PyTorch at the example's own sizes, and only for
     a gross difference (1e-3 of the outputs' scale): a file wrong at every size is the
-    parity check's to report (it publishes what it finds)."""
+    parity check's to report (it publishes what it finds). Returns the output axes whose size
+    followed the inputs' (output index -> axis -> name), for :func:`_declare_outputs`."""
     from .verify import make_session, run_onnx
 
     axes = {name: x.shape[d] for x, a in zip(job.inputs, job.axes, strict=True)
             for d, name in a.items()}
     if not axes:
-        return
+        return {}
     session = make_session(path)
     faithful = _far(run_onnx(session, job.inputs, job.input_names), job.outputs)
     for step in (1, -1):
@@ -331,7 +332,46 @@ def _check_resized(path: Path, job: _Job) -> None:
                 "PyTorch's, though they agree at the exported sizes: the model computes with "
                 "the size of a dynamic axis when it is exported (adaptive pooling to a fixed "
                 "size, a loop over the length), so that axis cannot vary")
+        return _varying(job.outputs, expected, axes, sizes)
+    return {}
+
+
+def _varying(at_export: Sequence[torch.Tensor], resized: Sequence[torch.Tensor],
+             axes: dict[str, int], sizes: dict[str, int]) -> dict[int, dict[int, str]]:
+    """Output axes whose size changed with the inputs', named after the input axis whose
+    sizes they took (else ``out<i>_dim<d>``)."""
+    varying: dict[int, dict[int, str]] = {}
+    for i, (a, b) in enumerate(zip(at_export, resized, strict=False)):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() != b.dim():
+            continue
+        for d, (m, n) in enumerate(zip(a.shape, b.shape, strict=True)):
+            if m != n:
+                named = [k for k, size in axes.items() if size == m and sizes[k] == n]
+                varying.setdefault(i, {})[d] = named[0] if len(named) == 1 else f"out{i}_dim{d}"
+    return varying
+
+
+def _declare_outputs(path: Path, varying: dict[int, dict[int, str]]) -> None:
+    """Declare the output axes that follow the inputs' sizes symbolic where the exporter
+    wrote the example's fixed size: onnxruntime warned on every call at another size
+    ("Expected shape {-1,14,6} does not match actual {3,10,6}"). The exporter's shapes of
+    inner values (optional hints, with the same fixed sizes) go too: onnxruntime infers
+    them from the inputs."""
+    if not varying:
         return
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    changed = False
+    for i, value in enumerate(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for d, name in varying.get(i, {}).items():
+            if d < len(dims) and dims[d].HasField("dim_value"):
+                dims[d].dim_param = name  # (clears dim_value: one of a oneof)
+                changed = True
+    if changed:
+        del model.graph.value_info[:]
+        onnx.save(model, str(path))
 
 
 def _far(got: Sequence[np.ndarray], expected: Sequence[torch.Tensor]) -> tuple[int, float] | None:
