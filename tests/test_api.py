@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 
 import _tiny
 import numpy as np
@@ -885,3 +886,29 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path, data) -> None:
     Checkpointer(default_dir(out)).save({"plan": {}})
     with pytest.raises(mc.CheckpointError, match="is damaged: it holds no settings"):
         mc.compress(_tiny.mlp(), *data, config=CFG, out=out, resume=True)
+
+
+def test_the_original_is_timed_from_the_compressed_files_exporter(tmp_path, data,
+                                                                  monkeypatch) -> None:
+    """model.onnx fell back to TorchScript while original.onnx came from dynamo: the
+    speedup then partly measured the exporters."""
+    from mesimp_compress import export
+
+    made: list[tuple[str, str]] = []
+    real = export.export_onnx
+
+    def export_onnx(model, inputs, path, **kwargs):
+        if Path(path).name == "model.onnx":
+            kwargs["exporter"] = "torchscript"  # as after a dynamo failure
+        result = real(model, inputs, path, **kwargs)
+        made.append((Path(path).name, result.exporter))
+        return result
+
+    monkeypatch.setattr(export, "export_onnx", export_onnx)
+    result = mc.compress(_tiny.mlp(), *data, config=CFG, out=tmp_path / "out")
+    assert result.report["status"] == "ok"
+    assert made == [("original.onnx", "dynamo"), ("model.onnx", "torchscript"),
+                    ("original.onnx", "torchscript"), ("reference.onnx", "torchscript")]
+    assert any("the original is timed from a torchscript export of its own" in note
+               for note in result.report["notes"])
+    assert (tmp_path / "out" / "original.onnx").is_file()  # the published file is unchanged
