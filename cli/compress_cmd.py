@@ -203,8 +203,10 @@ def compress(
 
         check_launch(cfg, out, force=force)
         argv = _without_nproc(sys.argv[1:])
-        code = subprocess.call(launch_command(nproc, argv))
-        raise typer.Exit(code if code in (0, 130) else 2)  # the workers printed the error
+        run = subprocess.run(launch_command(nproc, argv), stderr=subprocess.PIPE, text=True,
+                             errors="replace")
+        sys.stderr.write(_workers_stderr(run.returncode, run.stderr))
+        raise typer.Exit(run.returncode if run.returncode in (0, 130) else 2)
 
     net = load_factory(model)
     if weights is not None:
@@ -248,6 +250,20 @@ def compress(
         console.print(f"wrote {result.out}")
     if report.get("status") == "failed":
         raise typer.Exit(1)
+
+
+def _workers_stderr(code: int, text: str) -> str:
+    """What of the workers' stderr to show: each rank prints a user error as one line, and
+    torchrun adds its banner and a traceback of its own; a failed run shows that one line
+    once (a worker's crash without one: the end of what they printed)."""
+    lines = [line for line in text.splitlines()
+             if not line.startswith(("*****", "Setting OMP_NUM_THREADS"))]
+    if code == 0:
+        return "".join(f"{line}\n" for line in lines)
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[0] + "\n"
+    return "".join(f"{line}\n" for line in lines[-20:])
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

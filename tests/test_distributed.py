@@ -122,3 +122,25 @@ def test_means_and_topk_scores_are_summed_over_ranks(tmp_path):
         assert g["counts"] == {"a": 5, "b": 2}
         assert g["together"] == [0, 1]  # summed scores: 5, 4, 2, 3
     assert got[0]["alone"] == [0, 2] and got[1]["alone"] == [1, 3]
+
+
+def test_a_failed_launch_shows_the_workers_error_line_once():
+    """Each rank printed the error, torchrun its banner and a ChildFailedError traceback:
+    46 lines for one user error."""
+    from mesimp_compress.cli.compress_cmd import _workers_stderr
+
+    error = "error: DataError: the loss failed on train batch 3 (epoch 1): ValueError: bad"
+    text = "\n".join([
+        "*****************************************",
+        "Setting OMP_NUM_THREADS environment variable for each process to be 1 in default",
+        "*****************************************",
+        error, error,
+        "Traceback (most recent call last):",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
+    ])
+    assert _workers_stderr(1, text) == error + "\n"
+    crash = "\n".join(["Traceback (most recent call last):", "RuntimeError: a bug"])
+    assert _workers_stderr(1, crash) == crash + "\n"  # no line of ours: what they printed
+    assert _workers_stderr(0, text.replace(error, "a warning")) == (
+        "a warning\na warning\nTraceback (most recent call last):\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
