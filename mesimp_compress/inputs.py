@@ -12,6 +12,8 @@ sequence length are made by repeating or slicing the given ones, so integer ids 
 from __future__ import annotations
 
 import inspect
+import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -120,14 +122,37 @@ def resize_inputs(
     axes = list(axes) if axes is not None else default_dynamic_axes(inputs)
     if len(axes) != len(inputs):
         raise ConfigError(f"dynamic axes given for {len(axes)} inputs, but there are {len(inputs)}")
+    sizes = {BATCH: batch, SEQ: seq}
+    _check_room(inputs, axes, sizes)
     out = []
     for x, entry in zip(inputs, axes, strict=True):
         for dim, name in entry.items():
-            size = batch if name == BATCH else seq if name == SEQ else None
+            size = sizes.get(name)
             if size is not None:
                 x = _resize_dim(x, dim, size)
         out.append(x.contiguous())
     return tuple(out)
+
+
+def _check_room(inputs: Sequence[Any], axes: Sequence[Axes], sizes: dict[str, int | None]) -> None:
+    """ConfigError when the resized inputs alone would take over an eighth of the memory
+    free now (a model's activations take several times more): an absurd --batch was killed
+    by the kernel instead."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not on this platform: nothing to check
+        return
+    need = 0
+    for x, entry in zip(inputs, axes, strict=True):
+        if isinstance(x, torch.Tensor):
+            shape = [sizes.get(entry.get(d, ""), None) or n for d, n in enumerate(x.shape)]
+            need += math.prod(shape) * x.element_size()
+    if need > free / 8:
+        told = ", ".join(f"{name} {size}" for name, size in sizes.items() if size is not None)
+        raise ConfigError(
+            f"inputs at {told} would take {need / 2**30:.1f} GiB, too much for the "
+            f"{free / 2**30:.1f} GiB of memory free here: choose a smaller size"
+        )
 
 
 def _resize_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
