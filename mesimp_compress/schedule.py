@@ -43,6 +43,10 @@ class Rule:
         count = int((hits.to(torch.float64) >= self.prune_rate * examples).sum())
         return self._guard(count, width)
 
+    def least(self, width: int) -> int:
+        """The fewest units the guards let a layer of ``width`` keep."""
+        return self._guard(0, width)
+
     def _guard(self, count: int, width: int) -> int:
         count = max(count, min(self.min_width, width))
         if self.round_to > 1:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .activity import ActivityTracker
 from .config import CompressConfig
-from .errors import KError, UnsupportedStructureError
+from .errors import ConfigError, KError, UnsupportedStructureError
 from .graph import ROLE_FEATURES, ROLE_IN, Group, Structure, find_groups
 from .graph.build import OUTPUT_REASON
 from .meprop.apply import output_layer_of
@@ -110,6 +110,16 @@ class Simplifier:
             raise KError(
                 f"k={self.cfg.k!r} selects every unit of every prunable layer (widths "
                 f"{_brief(widths)}): nothing would be pruned; choose k below the widths"
+            )
+        from .schedule import Rule
+
+        rule = Rule(self.cfg.prune_rate, self.cfg.min_width, self.cfg.round_to)
+        if all(rule.least(w) >= w for w in widths.values()):
+            self.detach_means()
+            raise ConfigError(
+                f"min_width={self.cfg.min_width} and round_to={self.cfg.round_to} keep every "
+                f"unit of every prunable layer (widths {_brief(widths)}): nothing would be "
+                "pruned; choose them below the widths"
             )
 
     # ------------------------------------------------------------------ queries
