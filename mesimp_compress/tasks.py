@@ -225,6 +225,11 @@ def metric_value(
             f"the metric is not finite on {where} ({total} over {count}); a NaN or infinite "
             "metric would make every comparison (max_drop, the report) meaningless"
         )
+    if count < 0:
+        raise DataError(
+            f"the metric returned a negative count ({count:g}) on {where}; the pair is "
+            "(sum, count) with count the number of examples scored"
+        )
     return total, count
 
 

@@ -83,6 +83,7 @@ def test_metric_value_normalises_means_and_pairs():
         ((1.0, 2.0, 3.0), "tuple of 3 values"),
         (float("nan"), "not finite on eval batch 3"),
         ((1.0, 0.0 * float("inf")), "not finite"),
+        ((1, -5), "returned a negative count (-5) on eval batch 3"),  # once summed to -15
     ],
 )
 def test_metric_value_refuses_other_returns_naming_the_batch(value, says):
