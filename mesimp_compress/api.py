@@ -167,6 +167,8 @@ def _run(
     _check_forward(original, example_inputs, example_targets, loss, metric)
 
     simplifier = Simplifier.build(working, to_device(example_inputs, device), cfg)
+    if cfg.distill_layers:
+        _check_distill_layers(original, simplifier, to_device(example_inputs, device), cfg)
     if shift_note is not None:
         simplifier.surgery_notes.append(shift_note)
     emit(sink, "structure", groups=simplifier.widths(), skipped=simplifier.skipped())
@@ -300,6 +302,23 @@ def _checkpoint(
             + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed[:5])
         )
     return checkpointer, state
+
+
+def _check_distill_layers(original: nn.Module, simplifier: Simplifier,
+                          inputs: tuple[Any, ...], cfg: CompressConfig) -> None:
+    """Layers to distill must keep their output width: one after a pruned layer (its ReLU)
+    loses units with it. Checked on a copy shrunk by a unit per layer, before training."""
+    from .features import check_kept_widths, matched_layers
+
+    resized = simplifier.resized_outputs()  # the fine-tuner names these: "pruned itself"
+    names = [n for n in matched_layers(original, cfg.distill_layers) if n not in resized]
+    if not names:
+        return
+    try:
+        shrunk = simplifier.shrunk_copy(original)
+    except MesimpError:  # a plan it cannot build here (tied layers partly included)
+        return
+    check_kept_widths(original, shrunk, inputs, names)
 
 
 def _seed(seed: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,3 +80,24 @@ def layer_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor
         t = t.to(s.dtype)
         losses.append((s - t).pow(2).sum() / t.pow(2).sum().clamp(min=1e-12))
     return torch.stack(losses).mean()
+
+
+def check_kept_widths(model: nn.Module, shrunk: nn.Module, inputs: tuple[Any, ...],
+                      names: Sequence[str]) -> None:
+    """ConfigError naming the first of ``names`` whose output ``shrunk`` (``model`` with a
+    unit less in every prunable layer) gives in another shape: a layer after a pruned one
+    (its activation, dropout) loses units too, found before training, not at the first
+    prune (whose checkpoint could not be resumed with other settings)."""
+    shapes = []
+    for net in (model, shrunk):
+        with torch.no_grad(), captured(net, names) as outputs:
+            net(*inputs)
+        shapes.append({name: tuple(out.shape) for name, out in outputs.items()})
+    for name in names:
+        before, after = shapes[0].get(name), shapes[1].get(name)
+        if before != after:
+            raise ConfigError(
+                f"distill_layers: '{name}' loses units with the layers before it (its output "
+                f"{before} becomes {after} when they shrink); match layers whose output "
+                "keeps its width"
+            )

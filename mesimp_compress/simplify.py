@@ -122,6 +122,18 @@ class Simplifier:
                 "pruned; choose them below the widths"
             )
 
+    def shrunk_copy(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` (built like the one this simplifier prunes, without its
+        hooks) with one unit less in every prunable layer wider than one."""
+        from .plan import make_plan
+        from .surgery import apply_plan
+
+        twin = copy.deepcopy(model)
+        groups = self.structure.groups
+        kept = {k: range(groups[k].width - 1) for k in self._keys if groups[k].width > 1}
+        apply_plan(twin, make_plan(self.structure, kept))
+        return twin
+
     # ------------------------------------------------------------------ queries
     def widths(self) -> dict[str, int]:
         """Current width of every prunable layer key."""

@@ -136,6 +136,9 @@ CASES = [
      "no module matches 'fc9'"),
     ("distill-layers-pruned-layer", T("mlp"), T("mlp_data"), ["--distill-layers", "0"],
      "'0' is pruned itself"),
+    ("distill-layers-after-a-pruned-layer", T("mlp"), T("mlp_data"),
+     ["--distill-layers", "1"], "'1' loses units with the layers before it (its output "
+     "(32, 32) becomes (32, 31) when they shrink)"),
     ("mode-unknown", T("mlp"), T("mlp_data"), ["--mode", "sideways"], "mode must be one of"),
     ("device-invalid", T("mlp"), T("mlp_data"), ["--device", "warp:9"], "device"),
     ("device-meta", T("mlp"), T("mlp_data"), ["--device", "meta"], "holds no data"),
