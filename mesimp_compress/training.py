@@ -142,7 +142,8 @@ class FineTuner:
         self.checkpointer = checkpoint
         self.resume = resume
         # the original weights the run starts from: a resume must start from the same ones
-        self.origin = fingerprint(model) if checkpoint is not None else None
+        # (every rank resumes, only rank 0 writes checkpoints)
+        self.origin = fingerprint(model) if checkpoint is not None or resume else None
         self.epoch_rng: dict[str, Any] | None = None  # generators at the start of this epoch
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
