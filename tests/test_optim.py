@@ -37,6 +37,14 @@ def _pair(make_sparse, make_dense, seed=0):
     return sparse, make_sparse(sparse.parameters()), dense, make_dense(dense.parameters())
 
 
+def _step_alike(sparse, opt_s, dense, opt_d) -> None:
+    """Step both optimizers; the two models must then hold the same parameters."""
+    opt_s.step()
+    opt_d.step()
+    for p_s, p_d in zip(sparse.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p_s, p_d, atol=1e-6, rtol=0)
+
+
 OPTIMIZERS = {
     "adam": (lambda p: RowSparseAdam(p, lr=0.05), lambda p: torch.optim.Adam(p, lr=0.05)),
     "sgd_momentum": (lambda p: RowSparseSGD(p, lr=0.1, momentum=0.9),
@@ -247,10 +255,7 @@ def test_autograd_grad_and_backward_inputs_leave_the_optimizer_alone():
         assert x.grad is not None
         (model(x + 0.1 * gx.sign()) * w).sum().backward()  # the training backward
     assert len(opt_s.row_grad(sparse[0].weight)[0]) == 3  # the last backward's rows only
-    opt_s.step()
-    opt_d.step()
-    for p_s, p_d in zip(sparse.parameters(), dense.parameters(), strict=True):
-        torch.testing.assert_close(p_s, p_d, atol=1e-6, rtol=0)
+    _step_alike(sparse, opt_s, dense, opt_d)
 
 
 def test_autograd_grad_of_a_claimed_weight_returns_the_masked_gradient():
@@ -326,10 +331,7 @@ def test_rows_of_accumulated_bfloat16_backwards_are_summed_in_float32():
             (out.float() * w).sum().backward()
     rows, values = opt_s.row_grad(sparse[0].weight)
     assert values.dtype == torch.float32
-    opt_s.step()
-    opt_d.step()
-    for p_s, p_d in zip(sparse.parameters(), dense.parameters(), strict=True):
-        torch.testing.assert_close(p_s, p_d, atol=1e-6, rtol=0)
+    _step_alike(sparse, opt_s, dense, opt_d)
 
 
 def test_load_state_dict_keeps_the_rows_of_a_backward_already_run():
