@@ -78,8 +78,9 @@ def prove_original(
     notes = _resized_batch(before, batches, names, cfg.batch_dim)
     for note in notes:
         emit(sink, "note", message=note)
-    # e.g. float sequences padded per batch (and the batch axis of time-major inputs)
-    axes = observed_axes(inputs, batches, cfg.batch_dim)
+    # e.g. float sequences padded per batch (and the batch axis of time-major inputs), seen
+    # in any eval batch: a length that first differs in a later one failed there in ORT
+    axes = observed_axes(inputs, [*batches, *_input_shapes(eval_data)], cfg.batch_dim)
     try:
         exported = export_onnx(before, inputs, path, opset=cfg.opset, dynamic_axes=axes,
                                sink=sink)
@@ -112,6 +113,19 @@ def prove_original(
     value = evaluate_onnx(session, eval_data, metric, input_names=exported.input_names, like=like,
                           batch_dim=cfg.batch_dim)
     return OriginalProof(exported, parity, value, batches, names, axes, sizes, notes)
+
+
+def _input_shapes(data: Iterable[Any]) -> list[tuple[Any, ...]]:
+    """The inputs of every batch of ``data`` as stand-ins with their shapes (meta tensors:
+    no memory), for :func:`~mesimp_compress.inputs.observed_axes`."""
+    from .batches import iterate, split_batch
+
+    shapes = []
+    for batch in iterate(data, where="eval data"):
+        inputs, _ = split_batch(batch, where="eval data")
+        shapes.append(tuple(torch.empty(x.shape, dtype=x.dtype, device="meta")
+                            if isinstance(x, torch.Tensor) else x for x in inputs))
+    return shapes
 
 
 def _resized_batch(model: nn.Module, batches: list[tuple[Any, ...]], names: list[str],
