@@ -117,7 +117,7 @@ def run_onnx(
         if "invalid dimensions" in str(exc):
             hint = (" (the file keeps every axis at the size it was exported with but the "
                     "batch, the length of integer token ids and, in compress, the axes that "
-                    "differ between the first train batch and the first eval batches)")
+                    "differ between the first train batch and the eval batches)")
         raise ExportError(
             f"onnxruntime failed on {where}: {type(exc).__name__}: {one_line(exc)}{hint}"
         ) from exc
