@@ -151,6 +151,9 @@ def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
         and _classes_last(student, targets) is not None
     )
     if not is_logits:
+        same = ~teacher.isfinite() & (student == teacher)  # a score masked to -inf in both
+        if bool(same.any()):
+            student, teacher = student.masked_fill(same, 0.0), teacher.masked_fill(same, 0.0)
         return F.mse_loss(student, teacher)
     s, labels = _flatten(student, targets)
     t = _classes_last(teacher, targets)
@@ -166,8 +169,12 @@ def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
               - F.binary_cross_entropy_with_logits(t, q, reduction="sum"))
         return kl / s.shape[0] * temperature**2
     log_p = F.log_softmax(s / temperature, dim=-1)
-    q = F.softmax(t / temperature, dim=-1)
-    return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+    log_q = F.log_softmax(t / temperature, dim=-1)
+    q = log_q.exp()
+    # classes the original gives no probability (scores masked to -inf) add nothing, also
+    # where the student masks them too (kl_div gave 0 * (-inf - -inf) = NaN there)
+    terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
+    return terms.sum() / s.shape[0] * temperature**2
 
 
 def causal_lm(model: Any) -> bool:

@@ -1,3 +1,4 @@
+import math
 import re
 
 import numpy as np
@@ -56,6 +57,22 @@ def test_distillation_is_zero_for_identical_logits_and_positive_otherwise():
     y = torch.randint(0, 5, (6,))
     assert float(tasks.distillation(s, s.clone(), y, 2.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(tasks.distillation(s, torch.randn(6, 5), y, 2.0)) > 0
+
+
+def test_distillation_leaves_out_scores_masked_to_minus_inf_in_both():
+    """kl_div gave 0 * (-inf - -inf) = NaN: the run stopped at its first step."""
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    masked = torch.zeros(6, 5, dtype=torch.bool)
+    masked[:, 3:] = True
+    got = tasks.distillation(s.masked_fill(masked, -math.inf), t.masked_fill(masked, -math.inf),
+                             y, 2.0)
+    want = tasks.distillation(s[:, :3], t[:, :3], y.clamp(max=2), 2.0)  # the live classes only
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    emb_s, emb_t = torch.zeros(3, 4), torch.ones(3, 4)
+    emb_s[0, 0] = emb_t[0, 0] = -math.inf
+    assert float(tasks.distillation(emb_s, emb_t, torch.zeros(3, 4), 1.0)) == pytest.approx(
+        11 / 12)
 
 
 def test_distillation_falls_back_to_mse_for_embeddings():

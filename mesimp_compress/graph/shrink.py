@@ -196,10 +196,23 @@ def _difference(expected: list[torch.Tensor], got: list[torch.Tensor]) -> str | 
         if e.shape != g.shape:
             return f"output {i} has shape {tuple(g.shape)} instead of {tuple(e.shape)}"
         if e.is_floating_point():
-            scale = 1.0 + float(e.abs().max()) if e.numel() else 1.0
-            gap = float((e - g).abs().max()) if e.numel() else 0.0
+            gap = _gap(e, g)
+            finite = e[e.isfinite()]
+            scale = 1.0 + float(finite.abs().max()) if finite.numel() else 1.0
             if not gap <= 1e-4 * scale:
                 return f"output {i} moved by {gap:.3g} (its units were reordered or mixed)"
         elif not torch.equal(e, g):
             return f"output {i} changed"
     return None
+
+
+def _gap(e: torch.Tensor, g: torch.Tensor) -> float:
+    """The largest |e - g|, where equal non-finite values (a score masked to -inf in both,
+    NaN with NaN) agree and any other non-finite pair is an infinite gap."""
+    if not e.numel():
+        return 0.0
+    finite = e.isfinite() & g.isfinite()
+    same = (e == g) | (e.isnan() & g.isnan())
+    if bool((~finite & ~same).any()):
+        return float("inf")
+    return float(torch.where(finite, e - g, torch.zeros_like(e)).abs().max())
