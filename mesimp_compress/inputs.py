@@ -39,7 +39,9 @@ def as_inputs(inputs: Any) -> tuple[torch.Tensor, ...]:
     bad = [i for i, x in enumerate(inputs) if not isinstance(x, torch.Tensor)]
     if bad:
         raise ShapeError(
-            f"example input {bad[0]} is a {type(inputs[bad[0]]).__name__}, not a tensor"
+            f"example input {bad[0]} is a {type(inputs[bad[0]]).__name__}, not a tensor: an "
+            "ONNX file takes tensors only (leave an optional argument out of the batch, so "
+            "forward uses its default, or pass a tensor)"
         )
     return tuple(inputs)
 
@@ -63,13 +65,17 @@ def default_dynamic_axes(
     """Dim ``batch_dim`` of every input is the batch (dim 0 of a 1-D one); the other dim of a
     2-D integer input is the sequence, and so is that of a 2-D bool input as long as such
     token ids (its padding mask)."""
-    def ids(x: torch.Tensor) -> bool:
-        return x.dim() == 2 and not x.dtype.is_floating_point and x.dtype != torch.bool
+    def ids(x: Any) -> bool:
+        return (isinstance(x, torch.Tensor) and x.dim() == 2
+                and not x.dtype.is_floating_point and x.dtype != torch.bool)
 
     seq_dim = 1 - batch_dim
     lengths = {x.shape[seq_dim] for x in inputs if ids(x)}
     axes = []
     for x in inputs:
+        if not isinstance(x, torch.Tensor):  # None, a number: no axes (export names it)
+            axes.append({})
+            continue
         entry: dict[int, str] = {batch_axis(x, batch_dim): BATCH} if x.dim() >= 1 else {}
         if ids(x) or (x.dim() == 2 and x.dtype == torch.bool and x.shape[seq_dim] in lengths):
             entry[seq_dim] = SEQ

@@ -915,3 +915,23 @@ def test_the_original_is_timed_from_the_compressed_files_exporter(tmp_path, data
     assert any("the original is timed from a torchscript export of its own" in note
                for note in result.report["notes"])
     assert (tmp_path / "out" / "original.onnx").is_file()  # the published file is unchanged
+
+
+class _OptionalBias(torch.nn.Module):
+    """The tiny MLP with an optional second argument, passed as None in every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _tiny.mlp()
+
+    def forward(self, x, shift=None):
+        return self.mlp(x if shift is None else x + shift)
+
+
+def test_a_none_input_is_a_shape_error_naming_it_with_an_output_folder(tmp_path, data) -> None:
+    """It trained without out= and was an AttributeError traceback with it."""
+    train, evaluation = ([((x, None), y) for x, y in part] for part in data)
+    with pytest.raises(mc.ShapeError, match="example input 1 is a NoneType, not a tensor: an "
+                                            "ONNX file takes tensors only"):
+        mc.compress(_OptionalBias(), train, evaluation, config=CFG, out=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
