@@ -116,6 +116,16 @@ def export_onnx(
                     f"dynamic axis {d!r} ({name}) of input {i} does not exist: the input has "
                     f"{x.dim()} dims (shape {tuple(x.shape)})"
                 )
+    named: dict[str, tuple[int, int, int]] = {}  # axis name -> (input, dim, size) first seen
+    for i, (x, a) in enumerate(zip(inputs, axes, strict=True)):
+        for d, name in a.items():
+            j, e, size = named.setdefault(name, (i, d, x.shape[d]))
+            if x.shape[d] != size:
+                raise ShapeError(
+                    f"inputs {j} and {i} share the dynamic axis '{name}' but have sizes {size} "
+                    f"and {x.shape[d]} there (dims {e} and {d}): an input given whole with "
+                    "every batch has no batch axis; leave it out of that input's dynamic axes"
+                )
     # batch 1 (or sequence 1) examples let the exporter specialise the axis: export with >= 2
     sizes = {
         name: max(2, x.shape[d]) for x, a in zip(inputs, axes, strict=True) for d, name in a.items()

@@ -80,7 +80,17 @@ def default_dynamic_axes(
         if ids(x) or (x.dim() == 2 and x.dtype == torch.bool and x.shape[seq_dim] in lengths):
             entry[seq_dim] = SEQ
         axes.append(entry)
+    batched = [(x, a) for x, a in zip(inputs, axes, strict=True) if BATCH in a.values()]
+    if batched:  # an input of another size there is given whole with every batch: no batch
+        first = _size_of(*batched[0], BATCH)
+        for x, a in batched[1:]:
+            if _size_of(x, a, BATCH) != first:
+                del a[next(d for d, name in a.items() if name == BATCH)]
     return axes
+
+
+def _size_of(x: torch.Tensor, axes: Axes, name: str) -> int:
+    return int(x.shape[next(d for d, n in axes.items() if n == name)])
 
 
 def observed_axes(
@@ -102,7 +112,16 @@ def observed_axes(
     seq_dim = 1 - batch_dim
     seq = [i for i, a in enumerate(axes) if a.get(seq_dim) == SEQ]
     added = batch_dim != 0
+    # an input whose "batch" axis differs from the first input's in some batch has none (a
+    # tensor given whole with every batch): resizing it with the batch broke the export
+    batched = [(i, d) for i, a in enumerate(axes) for d, name in a.items() if name == BATCH]
+    for i, d in batched[1:]:
+        if sizes(i, d) != sizes(*batched[0]):
+            del axes[i][d]
+            added = True
     for i, x in enumerate(example):
+        if not isinstance(x, torch.Tensor):
+            continue
         for d in range(x.dim()):
             mine = sizes(i, d)
             if d in axes[i] or len({n for n in mine if n is not None}) < 2:

@@ -75,12 +75,12 @@ def prove_original(
     inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     path = output.file("original.onnx")
     batches, names = parity_inputs(eval_data, max_batches=3, resize_to=(), batch_dim=cfg.batch_dim)
-    notes = _resized_batch(before, batches, names, cfg.batch_dim)
-    for note in notes:
-        emit(sink, "note", message=note)
     # e.g. float sequences padded per batch (and the batch axis of time-major inputs), seen
     # in any eval batch: a length that first differs in a later one failed there in ORT
     axes = observed_axes(inputs, [*batches, *_input_shapes(eval_data)], cfg.batch_dim)
+    notes = _resized_batch(before, batches, names, cfg.batch_dim, axes)
+    for note in notes:
+        emit(sink, "note", message=note)
     try:
         exported = export_onnx(before, inputs, path, opset=cfg.opset, dynamic_axes=axes,
                                sink=sink)
@@ -129,7 +129,7 @@ def _input_shapes(data: Iterable[Any]) -> list[tuple[Any, ...]]:
 
 
 def _resized_batch(model: nn.Module, batches: list[tuple[Any, ...]], names: list[str],
-                   batch_dim: int = 0) -> list[str]:
+                   batch_dim: int = 0, axes: list[dict[int, str]] | None = None) -> list[str]:
     """Add the first eval batch resized to batch 1 (else 2) to the parity inputs, so that the
     file's dynamic batch axis is checked at a size of the proof's own choosing; a model that
     cannot run at either (BatchNorm on batch statistics needs two examples) is checked at its
@@ -138,7 +138,7 @@ def _resized_batch(model: nn.Module, batches: list[tuple[Any, ...]], names: list
     from .inputs import default_dynamic_axes, resize_inputs
 
     tried = []
-    axes = default_dynamic_axes(batches[0], batch_dim)
+    axes = axes or default_dynamic_axes(batches[0], batch_dim)
     for size in (1, 2):
         if size == batch_size(batches[0], batch_dim):
             continue

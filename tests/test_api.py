@@ -935,3 +935,29 @@ def test_a_none_input_is_a_shape_error_naming_it_with_an_output_folder(tmp_path,
                                             "ONNX file takes tensors only"):
         mc.compress(_OptionalBias(), train, evaluation, config=CFG, out=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+class _ClassBias(torch.nn.Module):
+    """The tiny MLP plus a per-class bias passed whole with every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _tiny.mlp()
+
+    def forward(self, x, bias):
+        return self.mlp(x) + bias
+
+
+def test_an_input_without_a_batch_axis_is_exported_whole(tmp_path, data) -> None:
+    """Its dim 0 was taken for the batch: the export failed, blaming the features."""
+    import onnx
+
+    bias = torch.tensor([0.1, -0.2, 0.3, 0.0])
+    train, evaluation = ([((x, bias), y) for x, y in part] for part in data)
+    result = mc.compress(_ClassBias(), train, evaluation, config=CFG, out=tmp_path / "out")
+    assert result.report["status"] == "ok"
+    for name in ("original.onnx", "model.onnx"):
+        graph = onnx.load(str(tmp_path / "out" / name)).graph
+        dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in graph.input]
+        assert dims == [["batch", _tiny.IN_FEATURES], [4]]

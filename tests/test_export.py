@@ -63,6 +63,22 @@ def test_axes_that_vary_between_batches_become_dynamic():
     assert observed_axes(first, [later]) == [{0: "batch", 1: "seq"}, {0: "batch", 1: "input1_dim1"}]
 
 
+def test_an_input_given_whole_with_every_batch_has_no_batch_axis(tmp_path):
+    """A per-class bias (3,) beside features (16, 8): its dim 0 was taken for the batch, the
+    features were resized to its size for the export, which then blamed them."""
+    from mesimp_compress.inputs import observed_axes
+
+    x, bias = torch.zeros(16, 8), torch.zeros(3)
+    assert default_dynamic_axes((x, bias)) == [{0: "batch"}, {}]
+    # equal to the batch in the example by chance: the other batches tell
+    assert default_dynamic_axes((x[:3], bias)) == [{0: "batch"}, {0: "batch"}]
+    assert observed_axes((x[:3], bias), [(x, bias), (x[:5], bias)]) == [{0: "batch"}, {}]
+    with pytest.raises(ShapeError, match="inputs 0 and 1 share the dynamic axis 'batch' but "
+                                         "have sizes 16 and 3"):
+        export_onnx(nn.Linear(8, 3), (x, bias), tmp_path / "m.onnx",
+                    dynamic_axes=[{0: "batch"}, {0: "batch"}])
+
+
 def test_time_major_inputs_have_their_batch_at_dim_1_and_lengths_at_dim_0():
     from mesimp_compress.batches import batch_size
     from mesimp_compress.inputs import observed_axes
