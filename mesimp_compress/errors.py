@@ -66,7 +66,10 @@ class ExportError(MesimpError):
 
 
 class ParityError(MesimpError):
-    """onnxruntime outputs disagree with PyTorch beyond tolerance."""
+    """onnxruntime outputs disagree with PyTorch beyond tolerance; ``where`` names the batch
+    of the worst difference ("" when not known)."""
+
+    where: str = ""
 
 
 class SizeError(MesimpError):

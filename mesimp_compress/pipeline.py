@@ -33,6 +33,7 @@ from .events import EventSink, emit
 from .outputs import OutputDir
 
 ORIGINAL, COMPRESSED, REFERENCE, INT8 = "original", "compressed", "reference", "int8"
+RESIZED = "resized to batch"  # how the parity batch the proof resized is named
 INT8_TOLERANCE = (0.05, 0.05)  # int8 parity is recorded, not enforced: it is a lossy format
 
 
@@ -106,6 +107,11 @@ def prove_original(
             where=names,
         )
     except ParityError as exc:
+        if RESIZED in exc.where:  # the real batches agreed
+            raise ParityError(
+                f"before fine-tuning, {exc}: the file computes otherwise at that batch size "
+                "only (a model that branches on its batch size, x.shape[0], is exported with "
+                "one branch); nothing was trained") from None
         raise ParityError(f"before fine-tuning, {exc}; nothing was trained (set atol/rtol or "
                           "opset)") from None
     with torch.no_grad():
@@ -150,7 +156,7 @@ def _resized_batch(model: nn.Module, batches: list[tuple[Any, ...]], names: list
             tried.append(f"{size} ({type(exc).__name__})")
             continue
         batches.append(resized)
-        names.append(f"{names[0]} resized to batch {size}")
+        names.append(f"{names[0]} {RESIZED} {size}")
         return []
     if not tried:
         return []

@@ -196,14 +196,15 @@ def check_parity(
     was_training = model.training
     model.eval()
     stats: dict[str, list[float]] = {}
+    worst_at: dict[str, str] = {}  # output -> the batch of its largest scaled error
     count = 0
     try:
         for i, inputs in enumerate(batches):
             inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-            name = where[i] if where is not None and i < len(where) else f"parity batch {i + 1}"
-            with user_code("the model", name):
+            batch = where[i] if where is not None and i < len(where) else f"parity batch {i + 1}"
+            with user_code("the model", batch):
                 expected = torch_outputs(model, on_device_of(model, inputs))
-            got = run_onnx(session, inputs, input_names, where=name)
+            got = run_onnx(session, inputs, input_names, where=batch)
             if len(got) != len(expected):
                 raise ParityError(
                     f"{label}: onnxruntime gives {len(got)} outputs, PyTorch {len(expected)}"
@@ -215,7 +216,11 @@ def check_parity(
                         f"{label}: output '{name}' has shape {ort_out.shape} in "
                         f"onnxruntime, {ref_np.shape} in PyTorch"
                     )
-                _accumulate(stats.setdefault(name, [0.0, 0.0, 0.0]), ort_out, ref_np, atol, rtol)
+                stat = stats.setdefault(name, [0.0, 0.0, 0.0])
+                before = stat[2]
+                _accumulate(stat, ort_out, ref_np, atol, rtol)
+                if stat[2] > before or name not in worst_at:
+                    worst_at[name] = batch
             count += 1
     finally:
         model.train(was_training)
@@ -233,11 +238,13 @@ def check_parity(
     )
     if raise_on_fail and not result.passed:
         bad = max(result.outputs, key=lambda o: o.worst)
-        raise ParityError(
+        error = ParityError(
             f"{label}: onnxruntime output '{bad.name}' differs from PyTorch by up to "
-            f"{bad.max_abs:.3g} (relative {bad.max_rel:.3g}), "
+            f"{bad.max_abs:.3g} (relative {bad.max_rel:.3g}) on {worst_at[bad.name]}, "
             f"beyond atol {atol:g} + rtol {rtol:g}*|ref|"
         )
+        error.where = worst_at[bad.name]
+        raise error
     return result
 
 

@@ -961,3 +961,22 @@ def test_an_input_without_a_batch_axis_is_exported_whole(tmp_path, data) -> None
         dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in graph.input]
         assert dims == [["batch", _tiny.IN_FEATURES], [4]]
+
+
+class _BatchBranch(torch.nn.Module):
+    """The tiny MLP whose output flips sign for batches of 8 or fewer examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _tiny.mlp()
+
+    def forward(self, x):
+        out = self.mlp(x)
+        return out if x.shape[0] > 8 else -out
+
+
+def test_a_file_wrong_only_at_the_resized_batch_says_so(tmp_path, data) -> None:
+    """The advice was 'set atol/rtol or opset', naming no batch."""
+    with pytest.raises(mc.ParityError, match=r"on eval batch 1 resized to batch 1, beyond atol "
+                                             r".*a model that branches on its batch size"):
+        mc.compress(_BatchBranch(), *data, config=CFG, out=tmp_path / "out")
