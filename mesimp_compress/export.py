@@ -564,10 +564,21 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...],
         raise ShapeError(
             f"the model failed {what.format(shapes)}: {error_line(exc)}"
         ) from None
-    leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    every = pytree.tree_leaves(out)
+    numbers = [i for i, x in enumerate(every)
+               if isinstance(x, (int, float, bool)) and not isinstance(x, torch.Tensor)]
+    if numbers:  # the exporters make an output of it, which nothing here can compare
+        i = numbers[0]
+        raise ExportError(
+            f"output {i} of the model is a Python {type(every[i]).__name__} ({every[i]!r}; "
+            "a size such as x.shape[0]?), not a tensor: the ONNX files return tensors only; "
+            "return it as a tensor or leave it out"
+        )
+    leaves = [x for x in every if isinstance(x, torch.Tensor)]
     if not leaves:
         raise ExportError(
-            f"the model returned no tensors ({type(out).__name__}); nothing to export"
+            f"the model returned no tensors ({type(out).__name__}: outputs must be tensors, "
+            "or tuples, lists or dicts of them); nothing to export"
         )
     return leaves
 

@@ -63,6 +63,23 @@ def test_axes_that_vary_between_batches_become_dynamic():
     assert observed_axes(first, [later]) == [{0: "batch", 1: "seq"}, {0: "batch", 1: "input1_dim1"}]
 
 
+class _CountsToo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x), x.shape[0]
+
+
+def test_a_python_number_among_the_outputs_is_named(tmp_path):
+    """It failed as 'the file gives 2 outputs, PyTorch 1' for both exporters."""
+    with pytest.raises(ExportError, match=r"output 1 of the model is a Python int \(2; a size "
+                                          r"such as x.shape\[0\]\?\), not a tensor"):
+        export_onnx(_CountsToo(), (torch.randn(2, 4),), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_an_input_given_whole_with_every_batch_has_no_batch_axis(tmp_path):
     """A per-class bias (3,) beside features (16, 8): its dim 0 was taken for the batch, the
     features were resized to its size for the export, which then blamed them."""
