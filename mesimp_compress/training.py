@@ -102,6 +102,9 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
     try:
         for i, batch in enumerate(iterate(data, where="eval data")):
             inputs, targets = split_batch(batch, where="eval data")
+            batches += 1
+            if batch_size(inputs, batch_dim) == 0:  # no example to score (a mean: NaN)
+                continue
             where = f"eval batch {i + 1}"
             inputs, targets = to_device((inputs, targets), device, where=where)
             with user_code("the model", where):
@@ -112,7 +115,6 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
             s, c = tasks.metric_value(value, batch_size(inputs, batch_dim), where=where)
             total += s
             count += c
-            batches += 1
     finally:
         model.train(was_training)
     return tasks.mean_of(total, count, batches)

@@ -313,6 +313,9 @@ def evaluate_onnx(
     batches = 0
     for i, batch in enumerate(iterate(data, where="eval data")):
         inputs, targets = split_batch(batch, where="eval data")
+        batches += 1
+        if batch_size(inputs, batch_dim) == 0:  # no example to score (a mean would be NaN)
+            continue
         flat = run_onnx(session, inputs, input_names, where=f"eval batch {i + 1}")
         outs = [torch.from_numpy(np.asarray(o)) for o in flat]
         if like is not None:
@@ -325,7 +328,6 @@ def evaluate_onnx(
         s, c = tasks.metric_value(value, batch_size(inputs, batch_dim), where=where)
         total += s
         count += c
-        batches += 1
     return tasks.mean_of(total, count, batches)
 
 

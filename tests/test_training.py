@@ -470,3 +470,21 @@ def test_a_resumed_run_reports_the_original_widths_as_the_baseline(tmp_path) -> 
     baseline = next(e.data for e in events if e.kind == "baseline")
     assert resumed["widths"]["0"] < 32  # pruned before the interruption
     assert baseline["widths"] == {"0": 32, "2": 24}
+
+
+def test_an_empty_eval_batch_is_not_scored_in_pytorch_or_onnxruntime(tmp_path, data) -> None:
+    """A batch-mean metric of no examples is NaN: the run stopped with 'not finite'."""
+    from mesimp_compress.export import export_onnx
+    from mesimp_compress.verify import evaluate_onnx
+
+    def mean_accuracy(outputs, targets):
+        return (outputs.argmax(-1) == targets).float().mean()
+
+    model = trained_mlp(data[0]).eval()
+    batches = list(data[1])
+    empty = (batches[0][0][:0], batches[0][1][:0])
+    with_empty = [batches[0], empty, *batches[1:]]
+    want = evaluate(model, batches, mean_accuracy, torch.device("cpu"))
+    assert evaluate(model, with_empty, mean_accuracy, torch.device("cpu")) == want
+    path = export_onnx(model, (batches[0][0],), tmp_path / "m.onnx").path
+    assert evaluate_onnx(path, with_empty, mean_accuracy) == pytest.approx(want, abs=1e-6)
