@@ -231,6 +231,8 @@ def _prove(
 
     before = original.cpu().eval()  # the run's own copy, not needed on the device any more
     after = copy.deepcopy(compressed).cpu().eval()  # the caller keeps result.model where it was
+    # weights.pt first: the checks below run forwards, which may move buffers (a counter)
+    save_compressed(after, plan, output.staging)
     inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     paths = {ORIGINAL: output.file("original.onnx"), COMPRESSED: output.file("model.onnx")}
     with tempfile.TemporaryDirectory(prefix="mesimp-ref-") as scratch:
@@ -366,7 +368,6 @@ def _prove(
         "onnxruntime": metrics["ort_before"],
     }
     report["metric_after"] = {"torch": metrics["torch_after"], "onnxruntime": metrics["ort_after"]}
-    save_compressed(after, plan, output.staging)
     _plots(report, output, tuned, cfg, sink)
     write_report(report, output.file("report.json"))
     return report
