@@ -97,6 +97,9 @@ def compress(
     checkpointer, state = _checkpoint(out, checkpoint_dir, resume, cfg, sink)
     _device(cfg.device)
     world, device_name = distributed.setup(cfg.device)
+    from .checkpoint import rng_state, set_rng_state
+
+    threads, generators = torch.get_num_threads(), rng_state()  # the caller's, given back
     try:
         if device_name != cfg.device:
             cfg = cfg.replace(device=device_name)
@@ -114,6 +117,8 @@ def compress(
                         f"{describe(exc)}") from None
     finally:
         distributed.teardown(world)
+        torch.set_num_threads(threads)
+        set_rng_state(generators)
 
 
 def _run(

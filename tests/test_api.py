@@ -1002,3 +1002,21 @@ def test_weights_pt_holds_the_returned_model_even_when_forward_moves_a_buffer(tm
     saved = torch.load(tmp_path / "out" / "weights.pt", weights_only=True)
     assert int(saved["calls"]) == int(result.model.calls) > 0
     assert int(mc.load(_Counter(), tmp_path / "out").calls) == int(result.model.calls)
+
+
+def test_compress_gives_back_the_callers_threads_and_random_generators(data) -> None:
+    """It left torch at its threads setting and every generator reseeded to its seed."""
+    import random
+
+    torch.set_num_threads(1)
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    want = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    mc.compress(_tiny.mlp(), *data, config=CFG.replace(threads=2))
+    assert torch.get_num_threads() == 1
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
