@@ -38,7 +38,7 @@ from .inputs import batch_axis, forward_order
 from .modelcheck import check_model, copy_failed, unwrap
 from .outputs import OutputDir
 from .simplify import Simplifier
-from .training import FineTuner, Rollback, WindowRecord
+from .training import FineTuner, Rollback, WindowRecord, module_modes, set_module_modes
 
 
 @dataclass
@@ -143,6 +143,7 @@ def _run(
     # one batch for the checks, the trace and the export (a shuffled loader yields another
     # first batch on every pass, so inputs and targets must come from the same one)
     check_model(model)
+    modes = module_modes(model)  # the result comes back in them
     check_reiterable(train, where="train data")
     check_reiterable(eval_data, where="eval data")
     order = forward_order(model)  # dict batches pass their inputs in forward's order
@@ -204,7 +205,7 @@ def _run(
         del tuner  # its DDP wrapper must go before the process group does
         distributed.teardown(world, together=True)  # only rank 0 goes on to export
         plan = simplifier.final_plan()
-        tuned.model.train(model.training)  # in the caller's mode, as they gave it
+        set_module_modes(tuned.model, modes)  # in the caller's modes, as they gave them
         result = CompressResult(
             model=tuned.model,
             plan=plan,

@@ -91,11 +91,24 @@ class FineTuneResult:
 
 
 @torch.no_grad()
+def module_modes(model: nn.Module) -> dict[str, bool]:
+    """The train/eval mode of every module of ``model``, by name."""
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def set_module_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """Put each module named in ``modes`` in its mode (modules rebuilt by surgery keep their
+    names); others take their parent's."""
+    for name, module in model.named_modules():
+        parent = name.rpartition(".")[0]
+        module.training = modes.get(name, modes.get(parent, module.training))
+
+
 def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.device,
              batch_dim: int = 0) -> float:
     """The metric over all of ``data`` (sum over batches / count; a batch mean counts for the
     examples along ``batch_dim``)."""
-    was_training = model.training
+    modes = module_modes(model)
     model.eval()
     total = count = 0.0
     batches = 0
@@ -116,7 +129,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.d
             total += s
             count += c
     finally:
-        model.train(was_training)
+        set_module_modes(model, modes)
     return tasks.mean_of(total, count, batches)
 
 
@@ -149,6 +162,10 @@ class FineTuner:
         self.epoch_rng: dict[str, Any] | None = None  # generators at the start of this epoch
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
+        # submodules the caller put in eval mode in a model in train mode (a frozen
+        # BatchNorm) stay in eval mode while training
+        self.kept_eval = ({n for n, m in model.named_modules() if not m.training}
+                          if model.training else set())
         wants_teacher = config.distill > 0 or bool(config.distill_layers)
         self.teacher = (
             teacher.to(self.device).eval() if teacher is not None and wants_teacher else None
@@ -287,7 +304,7 @@ class FineTuner:
         rng: dict[str, Any] | None = None,
     ) -> None:
         """One pass over the train data; when resuming, replay its order up to batch ``skip``."""
-        self.model.train()
+        self._train_mode()
         if rng is not None and skip > 0:
             set_rng_state(self.epoch_rng)  # the same shuffle as the interrupted epoch
         else:
@@ -470,7 +487,8 @@ class FineTuner:
             return
         snap = guard["snapshot"]
         self._unwrap()
-        self.model = snap["model"].train()  # a snapshot rebuilt on resume comes in eval mode
+        self.model = snap["model"]
+        self._train_mode()  # a snapshot rebuilt on resume comes in eval mode
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(snap["optimizer"])
         self.tracker.load_state_dict(snap["tracker"])
@@ -480,6 +498,12 @@ class FineTuner:
         rollback = Rollback(window, guard["keys"], metric, threshold)
         self.rollbacks.append(rollback)
         emit(self.sink, "rollback", **rollback.to_dict())
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        for name, module in self.model.named_modules():
+            if name in self.kept_eval:
+                module.training = False
 
     def _unwrap(self) -> None:
         """Drop the DDP wrapper, if any, now: it holds the model's gradient accumulators and

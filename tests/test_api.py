@@ -1021,3 +1021,18 @@ def test_compress_gives_back_the_callers_threads_and_random_generators(data) -> 
     assert torch.get_num_threads() == 1
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_submodules_the_caller_froze_in_eval_mode_stay_frozen(data) -> None:
+    """m.train(); m.bn.eval() (a frozen BatchNorm): its statistics moved while fine-tuning
+    and it came back in train mode."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(_tiny.IN_FEATURES, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                          nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, _tiny.CLASSES))
+    model.train()
+    model[1].eval()
+    result = mc.compress(model, *data, config=CFG)
+    assert result.widths["0"] < 32
+    bn = result.model[1]
+    assert result.model.training and not bn.training and int(bn.num_batches_tracked) == 0
