@@ -69,6 +69,11 @@ def test_load_errors_are_typed(tmp_path) -> None:
     save_compressed(model, plan, tmp_path)
     with pytest.raises(PlanError, match="has size"):
         load_compressed(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 7)), tmp_path)
+    structure = find_groups(model, case.example())  # a second compression of the first
+    again = make_plan(structure, random_kept(structure, seed=5, fraction=0.6))
+    with pytest.raises(PlanError, match="\\(a plan of a model compressed before applies to "
+                                        "that model: rebuild it first"):
+        apply_plan(case.build(), again)
     (tmp_path / "weights.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read weights"):
         load_compressed(case.build(), tmp_path)

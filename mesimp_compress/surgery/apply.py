@@ -78,9 +78,12 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, _Target]:
                 f"module '{edit.module}' has no dimension '{edit.role}' (it has {sorted(sizes)})"
             )
         if sizes[edit.role] != edit.size:
+            hint = (" (a plan of a model compressed before applies to that model: rebuild it "
+                    "first, e.g. mc.load(mc.load(build(), first_run), second_run))"
+                    if sizes[edit.role] > edit.size else "")
             raise PlanError(
                 f"module '{edit.module}' ({edit.role}) has size {sizes[edit.role]}, "
-                f"the plan expects {edit.size}"
+                f"the plan expects {edit.size}{hint}"
             )
         target = targets.setdefault(edit.module, _Target(module, pruner, {}))
         target.edits[edit.role] = edit
