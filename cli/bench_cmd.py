@@ -35,6 +35,10 @@ def bench(
         help="Intra-op thread counts, comma-separated (default: 1 and all cores).",
     ),
     seq: int = typer.Option(128, "--seq", help="Sequence length for inputs with a sequence axis."),
+    size: list[str] = typer.Option(
+        [], "--size", help="NAME=N: the size of another symbolic axis (e.g. input0_dim2=28); "
+        "repeat for several."
+    ),
     warmup: int = typer.Option(10, "--warmup", help="Warm-up calls per model and setting."),
     rounds: int = typer.Option(30, "--rounds", help="Interleaved rounds."),
     block: int = typer.Option(10, "--block", help="Consecutive calls per model in a round."),
@@ -71,7 +75,7 @@ def bench(
             )
     check_settings(batches=batches, threads=thread_counts, rounds=rounds, block=block,
                    warmup=warmup, max_seconds=max_seconds, seq=seq)
-    inputs, axes, names = inputs_from_onnx(models[0], batch=2, seq=seq)
+    inputs, axes, names = inputs_from_onnx(models[0], batch=2, seq=seq, sizes=_sizes(size))
     if not any(BATCH in a.values() for a in axes) and batches != [_leading(inputs)]:
         raise ConfigError(
             f"{models[0].name} has no batch axis to resize (inputs {_sig(first)}); "
@@ -156,3 +160,16 @@ def _table(payload: dict[str, Any]) -> Table:
         ]
         table.add_row(*cells)
     return table
+
+
+def _sizes(given: list[str]) -> dict[str, int]:
+    """``--size NAME=N`` options as a mapping; ConfigError for a malformed one."""
+    from mesimp_compress.errors import ConfigError
+
+    sizes = {}
+    for item in given:
+        name, _, value = item.partition("=")
+        if not name or not value.strip().isdigit() or int(value) < 1:
+            raise ConfigError(f"--size takes NAME=N with N >= 1, got {item!r}")
+        sizes[name.strip()] = int(value)
+    return sizes

@@ -340,7 +340,8 @@ def _fresh(m: nn.Module) -> nn.Module | None:
 
 
 def inputs_from_onnx(
-    path: str | os.PathLike[str], *, batch: int = 2, seq: int = 16, seed: int = 0
+    path: str | os.PathLike[str], *, batch: int = 2, seq: int = 16, seed: int = 0,
+    sizes: Mapping[str, int] | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], list[dict[int, str]], list[str]]:
     """Example inputs built from an ONNX file's input signature: ``(inputs, axes, names)``.
 
@@ -349,7 +350,9 @@ def inputs_from_onnx(
     'batch') are sized right; float inputs are random normal, integer inputs 1 (a valid
     token id and mask value), bool inputs True. In a file with a sequence axis, a 1-D
     integer input of one value per example is read as the sequences' lengths and set to
-    ``seq`` (a packed LSTM then runs every step)."""
+    ``seq`` (a packed LSTM then runs every step). Any other symbolic dim (an image size
+    ``compress`` found varying) takes its size from ``sizes`` by name."""
+    sizes = dict(sizes or {})
     graph = _graph_of(path)
     initializers = {i.name for i in graph.initializer}
     generator = torch.Generator().manual_seed(seed)
@@ -371,6 +374,9 @@ def inputs_from_onnx(
                 continue
             label = dim.dim_param.lower()
             named_seq = "seq" in label or "len" in label
+            if dim.dim_param in sizes:  # timed at that one size
+                shape.append(int(sizes[dim.dim_param]))
+                continue
             if "batch" in label or (i == 0 and not named_seq):
                 entry[i], size = BATCH, batch
             elif named_seq or i == 1:
@@ -378,7 +384,7 @@ def inputs_from_onnx(
             else:
                 raise ShapeError(
                     f"input '{value.name}' dim {i} ('{dim.dim_param}') is neither a "
-                    "batch nor a sequence axis; the benchmark cannot size it"
+                    f"batch nor a sequence axis: give its size (--size {dim.dim_param}=N)"
                 )
             shape.append(size)
         if dtype.is_floating_point:

@@ -164,8 +164,27 @@ def test_an_input_axis_that_is_neither_batch_nor_sequence_is_refused(tmp_path):
         exporter="torchscript",
         dynamic_axes=[{0: "batch", 2: "features"}],
     )
-    with pytest.raises(ShapeError, match="neither a batch nor a sequence"):
+    with pytest.raises(ShapeError, match="neither a batch nor a sequence axis: give its size "
+                                         "\\(--size features=N\\)"):
         inputs_from_onnx(r.path)
+    inputs, axes, _ = inputs_from_onnx(r.path, batch=3, sizes={"features": 16})
+    assert inputs[0].shape == (3, 3, 16) and axes == [{0: "batch"}]  # timed at that size
+
+
+def test_bench_sizes_other_axes_by_name(tmp_path):
+    """Files of a model over images of several sizes were refused by mesimp bench."""
+    from mesimp_compress.cli.main import app
+    from typer.testing import CliRunner
+
+    paths = [export_onnx(nn.Conv2d(3, 4, 3), (torch.randn(2, 3, 8, 8),), tmp_path / f"{n}.onnx",
+                         dynamic_axes=[{0: "batch", 2: "input0_dim2", 3: "input0_dim3"}]).path
+             for n in ("a", "b")]
+    args = ["bench", *map(str, paths), "--batch", "2", "--threads", "1", "--rounds", "1",
+            "--warmup", "0", "--json"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--size input0_dim2=N" in refused.stderr
+    timed = CliRunner().invoke(app, [*args, "--size", "input0_dim2=8", "--size", "input0_dim3=6"])
+    assert timed.exit_code == 0, timed.output
 
 
 class _HookedLinear(nn.Linear):
