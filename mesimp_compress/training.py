@@ -90,7 +90,6 @@ class FineTuneResult:
     notes: list[str] = field(default_factory=list)  # what surgery could not do, each once
 
 
-@torch.no_grad()
 def module_modes(model: nn.Module) -> dict[str, bool]:
     """The train/eval mode of every module of ``model``, by name."""
     return {name: module.training for name, module in model.named_modules()}
@@ -104,6 +103,7 @@ def set_module_modes(model: nn.Module, modes: dict[str, bool]) -> None:
         module.training = modes.get(name, modes.get(parent, module.training))
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Any], metric: Any, device: torch.device,
              batch_dim: int = 0) -> float:
     """The metric over all of ``data`` (sum over batches / count; a batch mean counts for the

@@ -478,6 +478,7 @@ def test_an_empty_eval_batch_is_not_scored_in_pytorch_or_onnxruntime(tmp_path, d
     from mesimp_compress.verify import evaluate_onnx
 
     def mean_accuracy(outputs, targets):
+        assert not outputs.requires_grad  # evaluation builds no graph
         return (outputs.argmax(-1) == targets).float().mean()
 
     model = trained_mlp(data[0]).eval()
