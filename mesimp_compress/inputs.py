@@ -160,24 +160,39 @@ def resize_inputs(
 
 
 def _check_room(inputs: Sequence[Any], axes: Sequence[Axes], sizes: dict[str, int | None]) -> None:
-    """ConfigError when the resized inputs alone would take over an eighth of the memory
-    free now (a model's activations take several times more): an absurd --batch was killed
-    by the kernel instead."""
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not on this platform: nothing to check
+    """ConfigError when the resized inputs alone would take over a quarter of the memory
+    available now (a model's activations take several times more): an absurd --batch was
+    killed by the kernel instead."""
+    free = _available_memory()
+    if free is None:  # not known on this platform: nothing to check
         return
     need = 0
     for x, entry in zip(inputs, axes, strict=True):
         if isinstance(x, torch.Tensor):
             shape = [sizes.get(entry.get(d, ""), None) or n for d, n in enumerate(x.shape)]
             need += math.prod(shape) * x.element_size()
-    if need > free / 8:
+    if need > free / 4:
         told = ", ".join(f"{name} {size}" for name, size in sizes.items() if size is not None)
         raise ConfigError(
             f"inputs at {told} would take {need / 2**30:.1f} GiB, too much for the "
             f"{free / 2**30:.1f} GiB of memory free here: choose a smaller size"
         )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available for new allocations (Linux's MemAvailable, which counts the
+    page cache it can drop; else the free pages), None where neither is known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _resize_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:

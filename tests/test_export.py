@@ -119,13 +119,12 @@ def test_a_resize_that_would_not_fit_in_memory_is_a_config_error(monkeypatch):
     """mesimp bench --batch 100000000 was killed by the kernel (exit 137, 'Killed')."""
     from mesimp_compress import inputs
 
-    pages = {"SC_AVPHYS_PAGES": 256, "SC_PAGE_SIZE": 4096}  # 1 MiB free
-    monkeypatch.setattr(inputs.os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(inputs, "_available_memory", lambda: 2**20)  # 1 MiB
     x = torch.zeros(2, 20)
-    assert resize_inputs((x,), 1000)[0].shape == (1000, 20)  # 80 kB: under 1/8 of it
-    with pytest.raises(ConfigError, match="inputs at batch 2000 would take 0.0 GiB, too much "
+    assert resize_inputs((x,), 3000)[0].shape == (3000, 20)  # 240 kB: under 1/4 of it
+    with pytest.raises(ConfigError, match="inputs at batch 4000 would take 0.0 GiB, too much "
                                           "for the 0.0 GiB of memory free here"):
-        resize_inputs((x,), 2000)
+        resize_inputs((x,), 4000)
 
 
 def test_resize_repeats_and_slices_rows_so_ids_stay_valid():
