@@ -299,7 +299,8 @@ class _Assembler:
                     reason = self.tracer.misuse[name]
                 elif depthwise(module) and self.tracer.calls.get(name):
                     reason = ("depthwise convolution: no units of its own; its channels follow "
-                              "what feeds it, and no prunable layer's units reach it here")
+                              "what feeds it, and no prunable layer's units reach it here (the "
+                              "layer feeding it, if any, is left alone: see its reason)")
                 else:
                     reason = "not called as a module in the forward pass"
                 entries.append(Skipped(name, reason))
