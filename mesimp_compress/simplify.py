@@ -158,8 +158,10 @@ class Simplifier:
         left = [{"name": s.name, "reason": s.reason} for s in self.structure.skipped]
         patterns = ", ".join(self.cfg.include or [])
         return left + [
-            {"name": key, "reason": f"not matched by include ({patterns})"}
-            for key in self.structure.groups
+            {"name": key, "reason": "named as the output layer (output_layer): never pruned"
+             if group.module == self.cfg.output_layer
+             else f"not matched by include ({patterns})"}
+            for key, group in self.structure.groups.items()
             if key not in self._keys
         ]
 
@@ -307,6 +309,8 @@ class Simplifier:
             if patterns and not any(
                 fnmatchcase(key, p) or fnmatchcase(group.module, p) for p in patterns
             ):
+                continue
+            if group.module == self.cfg.output_layer:  # named: meProp leaves it dense too
                 continue
             keys.append(key)
         return keys

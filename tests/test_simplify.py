@@ -137,3 +137,19 @@ def test_exclude_patterns_that_leave_no_layer_alone_are_noted():
         "convolution, the layer whose units it reads",
         "exclude pattern 'zzz' matches no module of the model"]
     assert "excluded by name" in {s["name"]: s["reason"] for s in simp.skipped()}["stem"]
+
+
+def test_a_named_output_layer_is_left_alone_with_its_reason():
+    """meProp left it dense, so it counted no activity: it kept every unit with a note that
+    blamed frozen parameters, and report.json did not list it as left alone."""
+    from torch import nn
+
+    from mesimp_compress.config import CompressConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 3))
+    simp = Simplifier.build(model, torch.randn(4, 6), CompressConfig(output_layer="2"))
+    assert simp.prunable_keys() == ["0"]
+    assert {"name": "2", "reason": "named as the output layer (output_layer): never pruned"} in (
+        simp.skipped())
