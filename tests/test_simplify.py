@@ -144,8 +144,6 @@ def test_a_named_output_layer_is_left_alone_with_its_reason():
     blamed frozen parameters, and report.json did not list it as left alone."""
     from torch import nn
 
-    from mesimp_compress.config import CompressConfig
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
                           nn.Linear(12, 3))
