@@ -41,7 +41,7 @@ def compress(
         help="Allow --weights to be a pickled module: this RUNS CODE from the file.",
     ),
     config: Path | None = typer.Option(
-        None, "--config", help="Recipe TOML with the same keys as the flags."
+        None, "--config", help="Recipe TOML: any CompressConfig key (flags override it)."
     ),
     loss: str | None = typer.Option(
         None, "--loss", help="Loss spec: file.py:fn(outputs, targets) -> scalar."
@@ -196,8 +196,10 @@ def compress(
         "bench_seq": bench_seq,
         "batch_dim": batch_dim,
     }
+    if config is not None:  # the recipe alone first: a bad flag is then the flag's fault
+        CompressConfig.from_dict(values, source=str(config))
     values.update({key: v for key, v in flags.items() if v is not None})
-    cfg = CompressConfig.from_dict(values, source=str(config) if config else "flags")
+    cfg = CompressConfig.from_dict(values, source="flags")
     if launch:  # settings checked here, so a bad one is one line, not one per worker
         from mesimp_compress.api import check_launch
 

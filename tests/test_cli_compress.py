@@ -170,3 +170,16 @@ def test_names_and_paths_that_look_like_markup_are_printed_as_written(tmp_path,
     assert shown.exit_code == 0, shown.output
     for text in (result.stdout, shown.stdout):
         assert "layers.[/]" in text and "layers.[cls]" in text and out in text
+
+
+def test_a_bad_flag_beside_a_recipe_is_blamed_on_the_flags(tmp_path) -> None:
+    """'--batches 1,x' with --config was reported as an error of the recipe file."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE)
+    args = ["compress", _tiny.spec("mlp"), "--data", _tiny.spec("mlp_data"),
+            "--out", str(tmp_path / "out"), "--config", str(recipe)]
+    flag = runner.invoke(app, [*args, "--batches", "1,x"])
+    assert flag.exit_code == 2 and "flags: batches must be" in flag.stderr, flag.stderr
+    recipe.write_text(RECIPE.replace("batches = [1, 4]", 'batches = [1, "x"]'))
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2 and "recipe.toml: batches must be" in bad.stderr, bad.stderr
