@@ -288,6 +288,11 @@ def _checkpoint(
             raise ConfigError("resume needs the output directory (out=) or checkpoint_dir=")
         return None, None
     checkpointer = Checkpointer(directory if directory is not None else default_dir(out))
+    if checkpointer.directory.exists() and not checkpointer.directory.is_dir():
+        raise CheckpointError(  # found now, not after the first window
+            f"{checkpointer.directory} is a file; the run keeps its checkpoint folder there "
+            "(move the file, or give checkpoint_dir)"
+        )
     if not resume:
         if checkpointer.exists():
             emit(

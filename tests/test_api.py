@@ -1036,3 +1036,12 @@ def test_submodules_the_caller_froze_in_eval_mode_stay_frozen(data) -> None:
     assert result.widths["0"] < 32
     bn = result.model[1]
     assert result.model.training and not bn.training and int(bn.num_batches_tracked) == 0
+
+
+def test_a_file_where_the_checkpoint_folder_goes_is_refused_before_training(tmp_path,
+                                                                           data) -> None:
+    (tmp_path / ".out.checkpoint").write_text("mine")
+    with pytest.raises(mc.CheckpointError, match="is a file; the run keeps its checkpoint "
+                                                 "folder there"):
+        mc.compress(_tiny.mlp(), *data, config=CFG, out=tmp_path / "out")
+    assert (tmp_path / ".out.checkpoint").read_text() == "mine"
