@@ -169,6 +169,9 @@ def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
               - F.binary_cross_entropy_with_logits(t, q, reduction="sum"))
         return kl / s.shape[0] * temperature**2
     log_p = F.log_softmax(s / temperature, dim=-1)
+    if bool(t.isfinite().all()):
+        q = F.softmax(t / temperature, dim=-1)
+        return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
     log_q = F.log_softmax(t / temperature, dim=-1)
     q = log_q.exp()
     # classes the original gives no probability (scores masked to -inf) add nothing, also
