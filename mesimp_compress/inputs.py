@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,11 +61,13 @@ def batch_axis(x: torch.Tensor, batch_dim: int = 0) -> int:
 
 
 def default_dynamic_axes(
-    inputs: Sequence[torch.Tensor], batch_dim: int = 0
+    inputs: Sequence[torch.Tensor], batch_dim: int = 0, *, whole: bool = True
 ) -> list[dict[int, str]]:
     """Dim ``batch_dim`` of every input is the batch (dim 0 of a 1-D one); the other dim of a
     2-D integer input is the sequence, and so is that of a 2-D bool input as long as such
-    token ids (its padding mask)."""
+    token ids (its padding mask). With ``whole``, an input whose batch dim differs from the
+    size most inputs share there (the first input's on a tie) has none: it is given whole
+    with every batch (a per-class bias, a graph's edge list)."""
     def ids(x: Any) -> bool:
         return (isinstance(x, torch.Tensor) and x.dim() == 2
                 and not x.dtype.is_floating_point and x.dtype != torch.bool)
@@ -81,10 +84,12 @@ def default_dynamic_axes(
             entry[seq_dim] = SEQ
         axes.append(entry)
     batched = [(x, a) for x, a in zip(inputs, axes, strict=True) if BATCH in a.values()]
-    if batched:  # an input of another size there is given whole with every batch: no batch
-        first = _size_of(*batched[0], BATCH)
-        for x, a in batched[1:]:
-            if _size_of(x, a, BATCH) != first:
+    if whole and batched:
+        counts = Counter(_size_of(x, a, BATCH) for x, a in batched)
+        top = max(counts.values())
+        common = next(n for n in (_size_of(x, a, BATCH) for x, a in batched) if counts[n] == top)
+        for x, a in batched:
+            if _size_of(x, a, BATCH) != common:
                 del a[next(d for d, name in a.items() if name == BATCH)]
     return axes
 
@@ -102,7 +107,7 @@ def observed_axes(
     dim (1; 0 of time-major inputs) becomes the shared ``"seq"`` axis where its size equals
     the token ids' in every batch; any other such axis gets a name of its own. None when
     nothing varies beyond the defaults of batch-first inputs."""
-    axes = default_dynamic_axes(example, batch_dim)
+    axes = default_dynamic_axes(example, batch_dim, whole=False)
     batches = [example, *(o for o in others if len(o) == len(example))]
 
     def sizes(i: int, d: int) -> list[int | None]:
@@ -112,11 +117,15 @@ def observed_axes(
     seq_dim = 1 - batch_dim
     seq = [i for i, a in enumerate(axes) if a.get(seq_dim) == SEQ]
     added = batch_dim != 0
-    # an input whose "batch" axis differs from the first input's in some batch has none (a
-    # tensor given whole with every batch): resizing it with the batch broke the export
+    # an input given whole with every batch has no batch axis (resizing it with the batch
+    # broke the export): where the batch size varies, it is the input whose size stays; else
+    # the one whose size differs from what most inputs share
     batched = [(i, d) for i, a in enumerate(axes) for d, name in a.items() if name == BATCH]
-    for i, d in batched[1:]:
-        if sizes(i, d) != sizes(*batched[0]):
+    varying = [(i, d) for i, d in batched if len(set(sizes(i, d))) > 1]
+    reference = sizes(*varying[0]) if varying else None
+    pruned = default_dynamic_axes(example, batch_dim)
+    for i, d in batched:
+        if (sizes(i, d) != reference) if reference is not None else d not in pruned[i]:
             del axes[i][d]
             added = True
     for i, x in enumerate(example):

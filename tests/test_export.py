@@ -90,6 +90,9 @@ def test_an_input_given_whole_with_every_batch_has_no_batch_axis(tmp_path):
     # equal to the batch in the example by chance: the other batches tell
     assert default_dynamic_axes((x[:3], bias)) == [{0: "batch"}, {0: "batch"}]
     assert observed_axes((x[:3], bias), [(x, bias), (x[:5], bias)]) == [{0: "batch"}, {}]
+    # given first, on a tie of one input each the example alone cannot tell; batches can
+    assert observed_axes((bias, x), [(bias, x[:5])]) == [{}, {0: "batch"}]
+    assert default_dynamic_axes((bias, x, x)) == [{}, {0: "batch"}, {0: "batch"}]
     with pytest.raises(ShapeError, match="inputs 0 and 1 share the dynamic axis 'batch' but "
                                          "have sizes 16 and 3"):
         export_onnx(nn.Linear(8, 3), (x, bias), tmp_path / "m.onnx",
