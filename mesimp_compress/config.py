@@ -133,6 +133,16 @@ class CompressConfig:
     rtol: float = 1e-3
     """Parity: relative tolerance (|ort - torch| <= atol + rtol * |torch|)."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> CompressConfig:
+        # a misspelt key is a ConfigError like any bad setting, not the dataclass's TypeError
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}"
+            )
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         self.validate()
 

@@ -80,6 +80,13 @@ def test_infinite_numbers_are_refused(key):
         CompressConfig(**{key: float("inf")})
 
 
+def test_a_misspelt_keyword_is_a_config_error():
+    """CompressConfig(windw=0.5) was the dataclass's TypeError, outside the one hierarchy."""
+    with pytest.raises(ConfigError, match="unknown key 'windw'; valid keys: allow_residual"):
+        CompressConfig(windw=0.5)
+    assert CompressConfig(window=0.5).replace(k=3).k == 3
+
+
 @pytest.mark.parametrize("key", ["lr", "weight_decay", "temperature", "distill", "layer_weight"])
 def test_numbers_beyond_float32_are_refused(key):
     """lr 1e39 passed and failed in the first optimizer step with a RuntimeError traceback
