@@ -92,7 +92,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         under autocast are summed and unscaled in full precision, not in float16/bfloat16
         (where a GradScaler's unscale would flush small gradients to zero)."""
         if rows.numel():
-            self._rows.setdefault(param, []).append((rows, values.to(param.dtype)))
+            if values.dtype != param.dtype:  # (a no-op .to costs a call on every backward)
+                values = values.to(param.dtype)
+            self._rows.setdefault(param, []).append((rows, values))
 
     def row_grad(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The pending row gradient of ``param`` as (unique rows, summed values), if any."""

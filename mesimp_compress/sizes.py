@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import SizeError
 
@@ -314,7 +315,8 @@ def unused_params(model: nn.Module, inputs: tuple[Any, ...]) -> frozenset[str]:
             p.requires_grad_(True)
         with torch.enable_grad():
             outputs = model(*inputs)
-        stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+        stack = [t.grad_fn for t in pytree.tree_leaves(outputs)
+                 if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         seen: set[int] = set()
         while stack:
             fn = stack.pop()
@@ -332,17 +334,6 @@ def unused_params(model: nn.Module, inputs: tuple[Any, ...]) -> frozenset[str]:
 
 
 # ---------------------------------------------------------------------- helpers
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a model's (nested) outputs."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def _computed_from(own: dict[str, Any], by_name: set[str], shapes: dict[str, list[int]],
                    unowned: Counter, unused: frozenset[str] | set[str]) -> bool:
     """Whether a module holding ``by_name`` by name has them at their own sizes and the

@@ -248,6 +248,15 @@ def check_parity(
     return result
 
 
+def differences(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``|a - b|`` where both are finite (0 elsewhere), and whether a non-finite value
+    disagrees: equal infinities (a score masked to -inf in both) and NaN with NaN agree."""
+    finite = np.isfinite(a) & np.isfinite(b)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    diff = np.abs(np.subtract(a, b, out=np.zeros(np.broadcast(a, b).shape), where=finite))
+    return diff, bool((~finite & ~same).any())
+
+
 def _accumulate(
     stat: list[float], got: np.ndarray, ref: np.ndarray, atol: float, rtol: float
 ) -> None:
@@ -257,11 +266,8 @@ def _accumulate(
     a, b = got.astype(np.float64), ref.astype(np.float64)
     if a.size == 0:
         return
-    finite = np.isfinite(a) & np.isfinite(b)
-    same = (a == b) | (np.isnan(a) & np.isnan(b))
-    mismatch = bool((~finite & ~same).any())
-    diff = np.abs(np.subtract(a, b, out=np.zeros_like(a), where=finite))
-    scaled = diff / (atol + rtol * np.abs(np.where(finite, b, 0.0)))
+    diff, mismatch = differences(a, b)
+    scaled = diff / (atol + rtol * np.abs(np.where(np.isfinite(b), b, 0.0)))
     stat[0] = max(stat[0], np.inf if mismatch else float(diff.max()))
     stat[1] = max(stat[1], float(np.abs(b[np.isfinite(b)]).max(initial=0.0)))
     stat[2] = max(stat[2], np.inf if mismatch else float(scaled.max()))

@@ -207,12 +207,12 @@ def _difference(expected: list[torch.Tensor], got: list[torch.Tensor]) -> str | 
 
 
 def _gap(e: torch.Tensor, g: torch.Tensor) -> float:
-    """The largest |e - g|, where equal non-finite values (a score masked to -inf in both,
-    NaN with NaN) agree and any other non-finite pair is an infinite gap."""
+    """The largest |e - g| by the parity check's rule for non-finite values (equal ones
+    agree, any other non-finite pair is an infinite gap)."""
+    from ..verify import differences
+
     if not e.numel():
         return 0.0
-    finite = e.isfinite() & g.isfinite()
-    same = (e == g) | (e.isnan() & g.isnan())
-    if bool((~finite & ~same).any()):
-        return float("inf")
-    return float(torch.where(finite, e - g, torch.zeros_like(e)).abs().max())
+    diff, mismatch = differences(e.detach().double().cpu().numpy(),
+                                 g.detach().double().cpu().numpy())
+    return float("inf") if mismatch else float(diff.max())
