@@ -177,9 +177,14 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             return False
         if scale is not None:
             inv = scale.double().reciprocal().float()
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            for tensor in (*grads, *values):
-                tensor.mul_(inv.to(tensor.device, tensor.dtype))
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(inv.to(p.grad.device, p.grad.dtype))
+            # out of place: one values tensor may be pending for two parameters (an LSTM's
+            # bias_ih and bias_hh get the same rows), and must be unscaled once for each
+            for pending in self._rows.values():
+                pending[:] = [(r, v * inv.to(v.device, v.dtype)) for r, v in pending]
         return True
 
 

@@ -317,3 +317,20 @@ def test_a_batch_without_sequences_gives_zero_gradients_and_records_nothing(mode
     for (name, p), q in zip(mep.named_parameters(), lstm.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name  # zeros
     assert tracker.keys() == []
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_wrong_feature_size_and_empty_sequence_are_refused_as_nn_lstm_does(batch_first):
+    from mesimp_compress.errors import ShapeError
+
+    lstm = MePropLSTM.wrap(nn.LSTM(5, 8, batch_first=batch_first), 3, key="lstm")
+    for shape in ((6, 4, 7), (6, 3)):
+        with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+            lstm(torch.randn(*shape, requires_grad=True))
+    packed = pack_padded_sequence(torch.randn(4, 2, 7), [4, 3])
+    with pytest.raises(RuntimeError, match="must be equal to input_size"):
+        lstm(PackedSequence(packed.data.requires_grad_(), packed.batch_sizes))
+    empty = (4, 0, 5) if batch_first else (0, 4, 5)
+    for shape in (empty, (0, 5)):
+        with pytest.raises(ShapeError, match="sequence of length 0"):
+            lstm(torch.randn(*shape, requires_grad=True))

@@ -407,3 +407,39 @@ def test_a_gradient_zeroed_in_place_does_not_turn_row_steps_dense():
         opt.step()
         moved.append(int((model[0].weight != before).any(1).sum()))
     assert moved == [4, 4, 4, 4]
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(5, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0])
+
+
+def test_gradscaler_unscales_rows_shared_by_two_parameters_once():
+    # an LSTM's bias_ih and bias_hh are handed the very same row values tensor
+    torch.manual_seed(0)
+    scaled = _Recurrent()
+    apply_meprop(scaled, 3)
+    plain = copy.deepcopy(scaled)
+    x = torch.randn(6, 4, 5)
+    steps = {}
+    for model, scaler in ((scaled, torch.amp.GradScaler("cpu", init_scale=1024.0)),
+                          (plain, None)):
+        opt = RowSparseSGD(model.parameters(), lr=0.1)
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = model(x).pow(2).mean()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+        steps[scaler is None] = [p.detach() - b for p, b in zip(model.parameters(), before,
+                                                                  strict=True)]
+    for with_scaler, without in zip(steps[False], steps[True], strict=True):
+        torch.testing.assert_close(with_scaler, without, atol=1e-7, rtol=1e-5)
+    assert float(steps[False][2].abs().max()) > 1e-4  # bias_ih moved as without the scaler

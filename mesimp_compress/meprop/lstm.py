@@ -86,6 +86,7 @@ class MePropLSTM(Swappable, nn.LSTM):
         packed = isinstance(input, PackedSequence)
         if packed:
             x, batch_sizes, sorted_indices, unsorted_indices = input
+            self.check_input(x, batch_sizes)  # nn.LSTM's own checks and messages
             sizes = tuple(batch_sizes.tolist())
             examples = sizes[0]
         else:
@@ -95,6 +96,9 @@ class MePropLSTM(Swappable, nn.LSTM):
                 )
             batched = input.dim() == 3
             x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
+            self.check_input(x, None)
+            if x.shape[1 if self.batch_first else 0] == 0:
+                raise ShapeError(f"LSTM '{s.key}' got a sequence of length 0")
             if self.batch_first:
                 x = x.transpose(0, 1)
             batch_sizes = None
