@@ -256,3 +256,26 @@ def test_compensation_statistics_read_the_real_tokens_of_nested_tensors():
         model(tokens.masked_fill(pad, 0), pad)  # the fast path hands linear2 a nested tensor
     means.close()
     assert means._counts["enc.layers.0.linear2"] == 6 + 3 + 4 + 2  # the real tokens only
+
+
+def test_linear_fit_keeps_the_variance_of_units_with_a_large_mean():
+    # nearly constant units (mean 30, spread 5e-3) are what meSimp removes; their
+    # second moments about zero lose the spread in float32
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 3, generator=g, dtype=torch.float64)
+    x = torch.cat([30 + 5e-3 * base @ torch.randn(3, 6, generator=g, dtype=torch.float64),
+                   base], dim=1)
+    model = nn.Sequential(nn.Linear(9, 2))
+    with ActivationMeans(model, covariance=True) as means:
+        for batch in x.float().split(128):
+            model(batch)
+    removed = torch.tensor([0, 1, 2])
+    sub = means.substitute("0", removed)
+    kept = sub.kept
+    xs = x.float().double()  # what the model saw
+    centred = xs - xs.mean(0)
+    cov = centred.t() @ centred / xs.shape[0]
+    c_kk = cov[kept][:, kept]
+    c_kk += RIDGE * float(c_kk.diagonal().mean()) * torch.eye(kept.numel(), dtype=cov.dtype)
+    mix = torch.linalg.solve(c_kk, cov[kept][:, removed]).t()
+    torch.testing.assert_close(sub.mix.double(), mix, atol=1e-4, rtol=1e-3)

@@ -121,10 +121,15 @@ class ActivationMeans(Mapping[str, torch.Tensor]):
                 total = flat.sum(dim=0)
                 gram = None
                 if self.covariance and rows.shape[-1] <= MAX_COVARIANCE:
-                    # a batch's moments in float32 (fast), summed in float64
-                    rows = rows[:: -(-rows.shape[0] // GRAM_ROWS)].float()
-                    scale = flat.shape[0] / rows.shape[0]
-                    gram = (rows.t() @ rows).to(torch.float64) * scale
+                    # a batch's moments in float32 (fast) about its own mean, so that units
+                    # with a large mean and a small spread keep their variance; summed
+                    # about zero in float64
+                    rows = rows[:: -(-rows.shape[0] // GRAM_ROWS)].to(torch.float64)
+                    centre = rows.mean(dim=0)
+                    centred = (rows - centre).float()
+                    gram = (centred.t() @ centred).to(torch.float64)
+                    gram += rows.shape[0] * torch.outer(centre, centre)
+                    gram *= flat.shape[0] / rows.shape[0]
                 previous = self._sums.get(name)
                 if previous is None or previous.shape != total.shape:
                     self._sums[name] = total
