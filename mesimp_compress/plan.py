@@ -273,7 +273,10 @@ def _as_name(value: Any) -> str:
 def _as_index(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if hasattr(value, "item") and not isinstance(value, bool):
-            value = value.item()
+            try:
+                value = value.item()
+            except (RuntimeError, ValueError):  # an array of several: a nested index list
+                raise ValueError(f"expected an int index, found {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an int index, found {value!r}")
     return int(value)

@@ -648,3 +648,35 @@ def test_hugging_face_conv1d_units_are_followed_as_a_transposed_linear() -> None
     assert tuple(model.c_fc.weight.shape) == (4, 4) and tuple(model.c_proj.weight.shape) == (4, 3)
     with torch.no_grad():
         torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+class _Result:
+    __slots__ = ("logits", "extra")
+
+    def __init__(self, logits: torch.Tensor, extra: object) -> None:
+        self.logits, self.extra = logits, extra
+
+
+@pytest.mark.parametrize("wrap", ["namespace", "slots", "dict_items", "frozenset"])
+def test_units_returned_inside_any_object_reach_the_output(wrap: str) -> None:
+    from types import SimpleNamespace
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> object:
+            h = torch.relu(self.a(x))
+            logits = self.c(torch.relu(self.b(h)))
+            if wrap == "namespace":
+                return SimpleNamespace(logits=logits, features=h)
+            if wrap == "slots":
+                return _Result(logits, [SimpleNamespace(features=h)])
+            if wrap == "dict_items":
+                return {"logits": logits, "features": h}.items()
+            return frozenset([("logits", logits), ("features", h)])
+
+    structure = find_groups(Net(), torch.randn(4, 6))
+    assert sorted(structure.groups) == ["b"]  # 'a' is returned, 'c' is the output layer
+    assert "reach the model output" in structure.reason("a")

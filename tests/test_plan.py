@@ -66,6 +66,7 @@ def test_keys_not_given_keep_all_units_and_full_kept_sets_edit_nothing() -> None
         ({"0": [1, 1, 2]}, PlanError, "duplicate"),
         ({"0": []}, PlanError, "empty"),
         ({"0": [0.5]}, PlanError, "int index"),
+        ({"0": torch.tensor([[1, 2]])}, PlanError, "int index"),
     ],
 )
 def test_make_plan_rejects_bad_requests(kept, error, match) -> None:

@@ -18,7 +18,7 @@ labels of its tensor inputs:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -118,21 +118,34 @@ def op_name(func: Callable[..., Any]) -> str:
     return name.lstrip("_") or name
 
 
-def iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
-    """Every tensor inside nested tuples, lists, dicts and dataclasses."""
+def iter_tensors(obj: Any, _depth: int = 0, *, objects: bool = False,
+                 _seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested tuples, lists, sets, dicts (and their views) and
+    dataclasses; with ``objects``, also inside other objects' attributes (a model may return
+    a plain result class or a SimpleNamespace)."""
     if isinstance(obj, torch.Tensor):
         yield obj
-    elif _depth > 8:
         return
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from iter_tensors(item, _depth + 1)
-    elif isinstance(obj, Mapping):
-        for item in obj.values():
-            yield from iter_tensors(item, _depth + 1)
-    elif is_dataclass(obj) and not isinstance(obj, type):
-        for f in fields(obj):
-            yield from iter_tensors(getattr(obj, f.name, None), _depth + 1)
+    if _depth > 8 or obj is None or isinstance(obj, (str, bytes, int, float, complex, type)):
+        return
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, Mapping):
+        items: Any = obj.values()
+    elif isinstance(obj, (list, tuple, set, frozenset, KeysView, ValuesView, ItemsView)):
+        items = obj
+    elif is_dataclass(obj):
+        items = [getattr(obj, f.name, None) for f in fields(obj)]
+    elif objects and not isinstance(obj, torch.nn.Module):
+        slots = [n for c in type(obj).__mro__ for n in getattr(c, "__slots__", ())]
+        items = [*getattr(obj, "__dict__", {}).values(),
+                 *(getattr(obj, n, None) for n in slots if isinstance(n, str))]
+    else:
+        return
+    for item in items:
+        yield from iter_tensors(item, _depth + 1, objects=objects, _seen=seen)
 
 
 def _arg(args: tuple, kwargs: dict, pos: int, key: str, default: Any) -> Any:

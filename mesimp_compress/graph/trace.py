@@ -283,7 +283,8 @@ class Tracer(TorchFunctionMode):
     def output_codes(self, out: Any) -> torch.Tensor:
         """Codes of every unit that reaches the model output."""
         found = [
-            codes_of(self.label(t)) for t in ops.iter_tensors(out) if self.label(t) is not None
+            codes_of(self.label(t)) for t in ops.iter_tensors(out, objects=True)
+            if self.label(t) is not None
         ]
         return torch.unique(torch.cat(found)) if found else torch.zeros(0, dtype=torch.int64)
 
