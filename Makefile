@@ -15,10 +15,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
+$(STAMP): $(PY) pyproject.toml mesimp_compress/meprop/native.cpp
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet --no-deps $(DATA_PKGS)
-	$(PIP) install --quiet -e ".[dev,plots,hf,peer]"
+	$(PIP) install --quiet -e ".[dev,plots,hf,peer,native]"
+	@# optional: the compiled meProp backward (tests and runs fall back to Python without it)
+	$(VENV)/bin/mesimp build-native || echo "note: meProp runs its Python backward"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,7 +3,9 @@
 MLP 784-500-500-10 (unified, k=25 = 5%) at batch 64 and batch 1, and an LSTM tagger
 (hidden 500, length 20, batch 32). Every variant runs one rep in turn (order rotated), so
 drift and neighbours' load hit all variants alike; each cell is the median over reps.
-The meProp timings include its ActivityTracker. Prints a Markdown table.
+The meProp timings include its ActivityTracker. The meProp Linear runs its compiled backward
+when it is built (`mesimp build-native`); the "Python backward" rows run the Python one.
+Prints a Markdown table.
 
     .venv/bin/python bench/bench_meprop.py [--threads 1] [--reps 300] [--lstm-reps 20]
 """
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mesimp_compress.activity import ActivityTracker
-from mesimp_compress.meprop import apply_meprop
+from mesimp_compress.meprop import apply_meprop, native
 from mesimp_compress.optim import RowSparseAdam
 
 
@@ -65,15 +67,20 @@ class Runner:
     """One model + optimizer; times a backward pass or a whole step on fixed batches."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                 batches: list[tuple[torch.Tensor, torch.Tensor]], python: bool = False) -> None:
         self.model, self.optimizer, self.batches, self.i = model, optimizer, batches, 0
+        self.python = python  # the Python meProp backward even where the compiled one is built
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.i = (self.i + 1) % len(self.batches)
         return self.batches[self.i]
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
+        if self.python:
+            with native.disabled():
+                out = self.model(x)
+        else:
+            out = self.model(x)
         return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
     def backward(self) -> float:
@@ -117,6 +124,7 @@ class FreeLinear(nn.Linear):
 
 DENSE, FUSED = "dense + Adam", "dense + fused Adam"
 MEP_ADAM, MEP_ROWS = "meProp + Adam", "meProp + RowSparseAdam"
+MEP_PY = "meProp (Python backward) + RowSparseAdam"
 
 
 class LayerRunner:
@@ -143,34 +151,46 @@ class LayerRunner:
         return took
 
 
-def runners(make: Callable[[], nn.Module], k: int, batches, lr: float = 1e-3):
-    """The four variants, all starting from the same weights; meProp ones with a tracker."""
+def runners(make: Callable[[], nn.Module], k: int, batches, lr: float = 1e-3,
+            python: bool = True):
+    """The variants, all starting from the same weights; meProp ones with a tracker (the
+    Python-backward one, if ``python``, only where the compiled backward is built: else
+    it is MEP_ROWS)."""
     base = make()
-    models = {name: copy.deepcopy(base) for name in (DENSE, FUSED, MEP_ADAM, MEP_ROWS)}
-    for name in (MEP_ADAM, MEP_ROWS):
+    names = (DENSE, FUSED, MEP_ADAM, MEP_ROWS) + ((MEP_PY,) if python and native.module() else ())
+    models = {name: copy.deepcopy(base) for name in names}
+    for name in names[2:]:
         apply_meprop(models[name], k, tracker=ActivityTracker())
     optimizers = {
         DENSE: torch.optim.Adam(models[DENSE].parameters(), lr),
         FUSED: torch.optim.Adam(models[FUSED].parameters(), lr, fused=True),
         MEP_ADAM: torch.optim.Adam(models[MEP_ADAM].parameters(), lr),
-        MEP_ROWS: RowSparseAdam(models[MEP_ROWS].parameters(), lr),
     }
-    return {name: Runner(models[name], optimizers[name], batches) for name in models}
+    for name in names[3:]:
+        optimizers[name] = RowSparseAdam(models[name].parameters(), lr)
+    return {name: Runner(models[name], optimizers[name], batches, python=name == MEP_PY)
+            for name in models}
 
 
 def measure(label: str, run: dict[str, Runner], reps: int, warmup: int,
             block: int) -> list[tuple]:
     """Rows of the table for one setting: backward-only, then whole steps."""
-    back = interleaved({n: run[n].backward for n in (DENSE, MEP_ADAM, MEP_ROWS)}, reps, warmup,
+    back = interleaved({n: r.backward for n, r in run.items() if n != FUSED}, reps, warmup,
                        block)
     step = interleaved({n: r.step for n, r in run.items()}, reps, warmup, block)
-    return [
+    rows = [
         (label, "backward (meProp fills .grad)", back[DENSE], back[MEP_ADAM]),
         (label, "backward (meProp row grads)", back[DENSE], back[MEP_ROWS]),
         (label, "step: dense Adam vs meProp + Adam", step[DENSE], step[MEP_ADAM]),
         (label, "step: dense Adam vs meProp + RowSparseAdam", step[DENSE], step[MEP_ROWS]),
         (label, "step: dense fused Adam vs meProp + RowSparseAdam", step[FUSED], step[MEP_ROWS]),
     ]
+    if MEP_PY in run:
+        rows.insert(2, (label, "backward (row grads), Python backward", back[DENSE],
+                        back[MEP_PY]))
+        rows.append((label, "step: dense fused Adam vs meProp (Python backward) + "
+                            "RowSparseAdam", step[FUSED], step[MEP_PY]))
+    return rows
 
 
 def mlp_rows(batch: int, reps: int) -> list[tuple]:
@@ -203,7 +223,7 @@ def lstm_rows(reps: int) -> list[tuple]:
     batches = [(torch.randint(0, 1000, (32, 20)), torch.randint(0, 17, (32, 20)))
                for _ in range(4)]
     return measure("LSTM tagger (emb 100, hidden 500), length 20, batch 32",
-                   runners(Tagger, 25, batches), reps, 2, 2)
+                   runners(Tagger, 25, batches, python=False), reps, 2, 2)
 
 
 def main() -> None:
@@ -215,8 +235,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = mlp_rows(64, args.reps) + mlp_rows(1, args.reps) + lstm_rows(args.lstm_reps)
+    built = "built" if native.module() else "not built: the Python backward throughout"
     print(f"torch {torch.__version__}, {args.threads} thread(s), k=25, unified; medians of "
-          f"{args.reps} (MLP) / {args.lstm_reps} (LSTM) interleaved reps")
+          f"{args.reps} (MLP) / {args.lstm_reps} (LSTM) interleaved reps; compiled meProp "
+          f"Linear backward {built}")
     print()
     print("| model | measured | dense (ms) | meProp (ms) | speedup |")
     print("| --- | --- | ---: | ---: | ---: |")

@@ -23,7 +23,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-COMMAND_MODULES = ("train_cmd", "compress_cmd", "export_cmd", "bench_cmd", "inspect_cmd")
+COMMAND_MODULES = ("train_cmd", "compress_cmd", "export_cmd", "bench_cmd", "inspect_cmd",
+                   "native_cmd")
 
 
 def _version(value: bool) -> None:

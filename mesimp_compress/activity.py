@@ -12,7 +12,9 @@ move to the CPU when read and when the window is folded into the totals by
 Unified meProp reports a list of selected units per backward pass. Adding each into its
 counter costs a few tensor calls on the backward path, so such selections are queued and
 added in batches (one ``index_add_`` per :data:`FOLD_EVERY` passes, or sooner when anything
-is read); counts are exact either way.
+is read); counts are exact either way. The compiled meProp Linear adds its hits itself, into a
+counter pair per key from :meth:`ActivityTracker.native_counter` that is folded in the same
+way.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class ActivityTracker:
         self._total_examples: dict[str, int] = {}
         self._ones_cache: dict[torch.device, torch.Tensor] = {}
         self._queue: dict[str, _Queue] = {}
+        # key -> (hits, examples): CPU int64 counters the compiled backward adds into
+        self._native: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ recording
     def record(self, key: str, counts: torch.Tensor, examples: int) -> None:
@@ -78,8 +82,33 @@ class ActivityTracker:
         if len(queue) >= FOLD_EVERY:
             self._fold(key)
 
+    def native_counter(self, key: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU int64 counters ``(hits per unit, examples (one entry))`` of ``key`` that the
+        compiled meProp backward adds into; they are folded into the window like queued
+        selections. Raises ShapeError if ``width`` differs from the key's counters."""
+        pair = self._native.get(key)
+        if pair is not None and pair[0].shape[0] == width:
+            return pair
+        self._fold(key)
+        existing = self._window.get(key)
+        existing = self._total.get(key) if existing is None else existing
+        if existing is not None and existing.shape[0] != width:
+            raise ShapeError(self._width_message(key, existing.shape[0], width))
+        pair = (torch.zeros(width, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+        self._native[key] = pair
+        return pair
+
     def _fold(self, key: str) -> None:
-        """Add the queued selections of ``key`` to its window counter."""
+        """Add the queued selections and native counts of ``key`` to its window counter."""
+        native = self._native.get(key)
+        if native is not None and int(native[1][0]):
+            hits, seen = native
+            counts, examples = hits.clone(), int(seen[0])
+            hits.zero_()
+            seen.zero_()
+            window = self._counter(key, counts.shape[0], None)
+            window.add_(counts.to(window.device))
+            self._window_examples[key] += examples
         queue = self._queue.get(key)
         if not queue:
             return
@@ -99,7 +128,7 @@ class ActivityTracker:
         queue.clear()
 
     def _fold_all(self) -> None:
-        for key in list(self._queue):
+        for key in [*self._queue, *self._native]:
             self._fold(key)
 
     def _ones(self, units: torch.Tensor) -> torch.Tensor:
@@ -139,6 +168,8 @@ class ActivityTracker:
     # ------------------------------------------------------------------ reading
     def keys(self) -> list[str]:
         """Layer keys that have counters, in the order they were first recorded."""
+        if self._native:
+            self._fold_all()
         return list(self._total)
 
     def window_hits(self, key: str) -> torch.Tensor:
@@ -153,6 +184,7 @@ class ActivityTracker:
     def window_examples(self, key: str) -> int:
         """Examples seen by ``key`` in the current window."""
         self._check(key)
+        self._fold(key)
         return self._window_examples[key]
 
     def total_hits(self, key: str) -> torch.Tensor:
@@ -168,9 +200,12 @@ class ActivityTracker:
     def total_examples(self, key: str) -> int:
         """Examples seen by ``key`` since the last :meth:`reset`."""
         self._check(key)
+        self._fold(key)
         return self._total_examples[key] + self._window_examples[key]
 
     def _check(self, key: str) -> None:
+        if key not in self._total:
+            self._fold(key)  # native counts not folded yet
         if key not in self._total:
             raise ConfigError(
                 f"no activity recorded for layer key '{key}'; recorded keys: {self.keys()}"
@@ -189,6 +224,10 @@ class ActivityTracker:
 
     def reset(self) -> None:
         """Forget every counter, window and total."""
+        for hits, seen in self._native.values():  # a backward still to come counts afresh
+            hits.zero_()
+            seen.zero_()
+        self._native.clear()
         self._queue.clear()
         self._window.clear()
         self._total.clear()
@@ -208,6 +247,7 @@ class ActivityTracker:
             )
         self._fold(key)
         self._queue.pop(key, None)
+        self._native.pop(key, None)  # the next compiled forward makes counters of the new width
         self._total[key] = self._total[key].index_select(0, index)
         window = self._window.get(key)
         if window is not None:
@@ -216,6 +256,7 @@ class ActivityTracker:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors (CPU int64) and ints; the current window is kept apart from totals."""
+        self._fold_all()
         return {
             "window_hits": {k: self.window_hits(k) for k in self.keys()},
             "total_hits": {k: self._total[k].clone() for k in self.keys()},
@@ -253,7 +294,7 @@ class ActivityTracker:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        keys = sorted(self._total)
+        keys = sorted(self.keys())
         if not keys:
             return
         device = torch.device("cpu")

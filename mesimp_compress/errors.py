@@ -82,3 +82,7 @@ class OutputError(MesimpError):
 
 class OutputExistsError(OutputError):
     """The output directory exists and is not empty (use force to overwrite)."""
+
+
+class BuildError(MesimpError):
+    """The compiled meProp backward could not be built (no compiler or ninja, or it failed)."""

@@ -98,6 +98,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     def row_grad(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The pending row gradient of ``param`` as (unique rows, summed values), if any."""
+        rowgrad.collect(param)
         pending = self._rows.get(param)
         if not pending:
             return None
@@ -107,6 +108,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
         super().zero_grad(set_to_none)
+        self._collect()
         self._rows.clear()
 
     def release(self) -> None:
@@ -120,7 +122,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         """Stop claiming ``param``: its pending rows are added into ``.grad``, and later
         backward passes fill ``.grad``."""
         if rowgrad.consumer_of(param) is self:
-            rowgrad.release(param)
+            rowgrad.release(param)  # (collects the rows the compiled layers hold)
         pending = self._rows.pop(param, None)
         if pending:
             rows, values = _coalesce(pending)
@@ -128,6 +130,12 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
                 param.grad.index_add_(0, rows, values.to(param.grad.dtype))
+
+    def _collect(self) -> None:
+        """Take the rows that compiled meProp layers hold for these parameters."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                rowgrad.collect(param)
 
     def _gradients(self, group: dict[str, Any]):
         """For each parameter of ``group`` with a gradient: (param, dense grad, rows, values).
@@ -161,6 +169,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         and its rows dropped, as the scaler skips a dense optimizer's step). A non-finite
         value only in row gradients skips the step but, unseen by the scaler, does not lower
         its scale. Without a scaler: True."""
+        self._collect()
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None:
             return True

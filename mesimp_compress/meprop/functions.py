@@ -21,6 +21,11 @@ def sync_selection(on: bool, group: object = None) -> None:
     _SYNC["on"], _SYNC["group"] = bool(on), group
 
 
+def selection_synced() -> bool:
+    """Whether :func:`sync_selection` is on."""
+    return bool(_SYNC["on"])
+
+
 def unified_units(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest entries of ``score`` (one per unit), unsorted."""
     if _SYNC["on"]:

@@ -19,8 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import rowgrad
-from .functions import empty_batch_grads, per_example_units, record_hook, unified_units
+from . import native, rowgrad
+from .functions import (
+    empty_batch_grads,
+    per_example_units,
+    record_hook,
+    selection_synced,
+    unified_units,
+)
 from .settings import MePropSettings, Swappable, build_settings, runs_dense
 
 
@@ -121,7 +127,7 @@ class MePropLinear(Swappable, nn.Linear):
         return cls._swap_in(module, _settings(module, key, k, mode, sparse_bias, tracker))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return linear_forward(self.meprop, input, self.weight, self.bias, F.linear)
+        return linear_forward(self.meprop, input, self.weight, self.bias, F.linear, native=True)
 
     def extra_repr(self) -> str:  # noqa: D102
         s = self.meprop
@@ -130,10 +136,11 @@ class MePropLinear(Swappable, nn.Linear):
 
 
 def linear_forward(s: MePropSettings, x: torch.Tensor, weight: torch.Tensor, bias: Any,
-                   dense: Any) -> torch.Tensor:
+                   dense: Any, native: bool = False) -> torch.Tensor:
     """The forward of a meProp layer computing ``x @ weight.T + bias`` (``weight``: out x in):
     ``dense(x, weight, bias)`` where backprop stays dense (recording every unit as selected
-    when k covers the width), else the meProp Function."""
+    when k covers the width), else the meProp Function: the compiled one where ``native``
+    (``dense`` is F.linear) and :func:`compiled_call` takes the call, else the Python one."""
     if runs_dense(s, x, weight, bias):
         return dense(x, weight, bias)
     width = weight.shape[0]
@@ -143,7 +150,41 @@ def linear_forward(s: MePropSettings, x: torch.Tensor, weight: torch.Tensor, bia
             examples = x.shape[0] if x.dim() > 1 else 1
             out.register_hook(record_hook(s, s.key, examples, width))
         return out
+    if native:
+        out = compiled_call(s, x, weight, bias)
+        if out is not None:
+            return out
     return _LinearFn.apply(x, weight, bias, s, s.k)
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+_COMPILED_DTYPES = (torch.float32, torch.float64)
+
+
+def compiled_call(s: MePropSettings, x: torch.Tensor, weight: torch.Tensor,
+                  bias: Any) -> torch.Tensor | None:
+    """The compiled meProp Linear (:mod:`.native`) applied to ``x``, or None where it does
+    not apply: not built, not unified top-k, sparse bias, synchronised selection, not CPU
+    float32/float64 of one dtype, under autocast or tracing, a tensor subclass, an empty or
+    1-D input, or a tracker without native counters. Both paths give the same gradients."""
+    lib = native.module()
+    if lib is None or s.mode != "unified" or s.sparse_bias or selection_synced():
+        return None
+    dtype = x.dtype
+    if (dtype not in _COMPILED_DTYPES or x.device.type != "cpu" or weight.dtype != dtype
+            or type(x) not in _PLAIN or type(weight) not in _PLAIN or x.dim() < 2
+            or x.numel() == 0 or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype != dtype or type(bias) not in _PLAIN))
+            or torch.is_autocast_enabled("cpu") or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()):
+        return None
+    hits = seen = None
+    if s.tracker is not None:
+        counter = getattr(s.tracker, "native_counter", None)
+        if counter is None:
+            return None
+        hits, seen = counter(s.key, weight.shape[0])
+    return lib.linear(x, weight, bias, s.k, rowgrad.slot(weight, lib), hits, seen)
 
 
 def _settings(module: nn.Module, key: str, k: Any, mode: str, sparse_bias: bool,

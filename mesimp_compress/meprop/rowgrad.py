@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
+from . import native
+
 
 class RowConsumer(Protocol):
     """Anything that accepts row gradients (e.g. :class:`mesimp_compress.optim.RowSparseAdam`)."""
@@ -31,21 +33,30 @@ _CLAIMS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 def claim(param: torch.Tensor, consumer: RowConsumer) -> None:
     """From now on row gradients of ``param`` go to ``consumer`` (while it lives)."""
     key = id(param)
+    collect(param)  # rows waiting in the compiled layer's slot belong to the previous claim
 
     def forget(_: weakref.ref) -> None:
         entry = _CLAIMS.get(key)
         if entry is not None and entry[0] is gone:
             del _CLAIMS[key]
 
+    def ended(ref: weakref.ref) -> None:  # the consumer is gone: its waiting rows with it
+        entry = _CLAIMS.get(key)
+        if entry is not None and entry[1] is ref and _SLOTS:
+            _mark(key, False, drop=True)
+
     gone = weakref.ref(param, forget)
-    _CLAIMS[key] = (gone, weakref.ref(consumer))
+    _CLAIMS[key] = (gone, weakref.ref(consumer, ended))
+    _mark(key, True)
 
 
 def release(param: torch.Tensor) -> None:
     """Row gradients of ``param`` go back to ``.grad``."""
     entry = _CLAIMS.get(id(param))
     if entry is not None and entry[0]() is param:
+        collect(param)
         del _CLAIMS[id(param)]
+        _mark(id(param), False)
 
 
 def claimed() -> bool:
@@ -91,6 +102,57 @@ def no_rows(param: torch.Tensor, node: Any = None) -> torch.Tensor | None:
     consumer, full-size zeros for autograd."""
     none = torch.zeros(0, dtype=torch.int64, device=param.device)
     return deliver(param, none, param.new_zeros((0, *param.shape[1:])), node)
+
+
+# The compiled meProp Linear (native.cpp) keeps the rows of a claimed weight in a slot of
+# its own instead of calling Python from its backward; the consumer collects them before
+# it reads its rows. id(param) -> (weak param, slot handle); a slot is made at the first
+# compiled forward of a weight and freed with it. Its "claimed" flag follows _CLAIMS.
+_SLOTS: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def slot(param: torch.Tensor, lib: Any) -> int:
+    """The handle of ``param``'s slot in the compiled extension ``lib`` (made on first use)."""
+    key = id(param)
+    entry = _SLOTS.get(key)
+    if entry is not None and entry[0]() is param:
+        return entry[1]
+    handle = lib.new_slot()
+
+    def free(ref: weakref.ref) -> None:
+        current = _SLOTS.get(key)
+        if current is not None and current[0] is ref:
+            del _SLOTS[key]
+        lib.free_slot(handle)
+
+    _SLOTS[key] = (weakref.ref(param, free), handle)
+    lib.set_claimed(handle, consumer_of(param) is not None)
+    return handle
+
+
+def collect(param: torch.Tensor) -> None:
+    """Hand the rows waiting in ``param``'s compiled slot to its consumer."""
+    entry = _SLOTS.get(id(param))
+    if entry is None or entry[0]() is not param:
+        return
+    waiting = _lib().take_rows(entry[1])
+    consumer = consumer_of(param)
+    if consumer is not None:
+        for rows, values in waiting:
+            consumer.add_rows(param, rows, values)
+
+
+def _mark(key: int, claimed: bool, drop: bool = False) -> None:
+    entry = _SLOTS.get(key)
+    if entry is not None:
+        lib = _lib()
+        lib.set_claimed(entry[1], claimed)
+        if drop:
+            lib.take_rows(entry[1])
+
+
+def _lib() -> Any:
+    return native.built()
 
 
 # asks the running backward pass whether it will run a node (absent in some torch versions)

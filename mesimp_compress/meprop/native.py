@@ -1,0 +1,116 @@
+"""The compiled meProp backward of nn.Linear: build it once, then every unified-mode
+MePropLinear on CPU in float32/float64 uses it.
+
+Its backward is one autograd node without Python (see ``native.cpp``): the same top-k,
+gathers and small matmuls as the Python Function, minus the interpreter's per-node cost,
+which is about a quarter of a small MLP's whole meProp backward. Everything else (other
+devices and dtypes, autocast, ``per_example``, ``sparse_bias``, synchronised selection,
+tracing) runs the Python Function, which stays the reference.
+
+The build needs a C++ compiler and ninja (``pip install ninja``) and takes about half a
+minute; ``mesimp build-native`` or :func:`build` does it, ``make`` does it while setting up.
+It is cached per torch version, Python version and source under
+``$MESIMP_CACHE`` (default ``~/.cache/mesimp_compress``). Nothing is compiled implicitly: a
+process that finds no build runs the Python path. ``MESIMP_NATIVE=0`` turns the compiled
+path off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..errors import BuildError, describe
+
+NAME = "mesimp_native"
+SOURCE = Path(__file__).with_name("native.cpp")
+CFLAGS = ["-O3"]
+
+_STATE: dict[str, object] = {"module": None, "looked": False, "off": False}
+
+
+def build_dir() -> Path:
+    """Where the build for this torch, this Python and this source lives."""
+    root = os.environ.get("MESIMP_CACHE") or Path.home() / ".cache" / "mesimp_compress"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
+    return Path(root) / "native" / tag.replace("+", "_")
+
+
+def build() -> Path:
+    """Compile the extension for this torch (a no-op when it is built) and return its file.
+
+    Raises :class:`BuildError` when the compiler or ninja is missing or the build fails."""
+    from torch.utils import cpp_extension
+
+    where = build_dir()
+    path = os.environ.get("PATH", "")
+    # torch runs `ninja` from PATH: let it find the one pip put beside this interpreter
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=CFLAGS,
+                                    build_directory=str(where), verbose=False)
+    except (OSError, RuntimeError, ImportError) as exc:  # no compiler/ninja, failed build
+        raise BuildError(f"could not build the compiled meProp backward in {where}: "
+                         f"{describe(exc)}") from exc
+    finally:
+        os.environ["PATH"] = path
+    _STATE.update(module=module, looked=True)
+    return Path(module.__file__)
+
+
+def module() -> ModuleType | None:
+    """The compiled extension when it is built for this torch and not turned off, else None.
+
+    Looks on disk once per process; never compiles."""
+    if _STATE["off"]:
+        return None
+    if not _STATE["looked"]:
+        _STATE["looked"] = True
+        if os.environ.get("MESIMP_NATIVE", "1") != "0":
+            _STATE["module"] = _load_built()
+    return _STATE["module"]  # type: ignore[return-value]
+
+
+def built() -> ModuleType | None:
+    """The extension if this process loaded it, even inside :func:`disabled` (its slots
+    outlive the switch)."""
+    return _STATE["module"]  # type: ignore[return-value]
+
+
+def _load_built() -> ModuleType | None:
+    try:
+        where = build_dir()
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES + [".so"]:
+            path = where / f"{NAME}{suffix}"
+            if path.is_file():
+                spec = importlib.util.spec_from_file_location(NAME, path)
+                if spec is None or spec.loader is None:
+                    return None
+                built = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(built)
+                return built
+    except (OSError, ImportError):  # a damaged or foreign build: run the Python path
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the Python meProp backward inside the block (a reference, or to compare)."""
+    before = _STATE["off"]
+    _STATE["off"] = True
+    try:
+        yield
+    finally:
+        _STATE["off"] = before
