@@ -15,6 +15,7 @@ from .activity import ActivityTracker  # noqa: E402
 from .api import CompressResult, compress, load  # noqa: E402
 from .config import CompressConfig  # noqa: E402
 from .errors import (  # noqa: E402
+    BuildError,
     CheckpointError,
     ConfigError,
     DataError,
@@ -51,6 +52,7 @@ __all__ = [
     "RowSparseSGD",
     "Event",
     "MesimpError",
+    "BuildError",
     "ConfigError",
     "KError",
     "SpecError",
