@@ -10,9 +10,21 @@ from torch import nn
 
 from mesimp_compress.activity import ActivityTracker
 from mesimp_compress.errors import KError
-from mesimp_compress.meprop import MePropLinear
+from mesimp_compress.meprop import MePropLinear, native
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def backward(request):
+    """Every test against both backward paths (the compiled one where it is built)."""
+    if request.param == "compiled":
+        if native.module() is None:
+            pytest.skip("compiled meProp backward not built")
+        yield request.param
+    else:
+        with native.disabled():
+            yield request.param
 
 
 def _mask(dy: torch.Tensor, k: int, mode: str) -> torch.Tensor:
