@@ -92,6 +92,8 @@ def compress(
         raise ConfigError(f"out must be a folder path, got {type(out).__name__}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if sink is not None and not callable(sink):
+        raise ConfigError(f"sink must be a callable taking an Event, got {type(sink).__name__}")
     model = unwrap(model, sink)
     output = OutputDir(out, force=force) if out is not None else None  # refuse early
     checkpointer, state = _checkpoint(out, checkpoint_dir, resume, cfg, sink)
@@ -255,6 +257,11 @@ def load(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
     CheckpointError the model may be left partly rebuilt: build a fresh one to try again."""
     from .surgery import load_compressed
 
+    if not isinstance(fresh_model, nn.Module):
+        raise ConfigError(f"load needs a freshly built nn.Module, got {type(fresh_model).__name__}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise CheckpointError(f"directory must be the path of a run folder, got "
+                              f"{type(directory).__name__}")
     d = Path(directory)
     if d.is_file():  # its plan.json named
         d = d.parent

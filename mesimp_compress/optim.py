@@ -67,7 +67,10 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 "average them across ranks; use a dense optimizer under torch.distributed"
             )
         self._rows: dict[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        super().__init__(params, defaults)
+        try:
+            super().__init__(params, defaults)
+        except (TypeError, ValueError) as exc:  # no parameters, a non-tensor, a repeat
+            raise ConfigError(f"{type(self).__name__}: {exc}") from exc
         _watch_other_steps()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, OutputExistsError
+from .errors import OutputError, OutputExistsError, describe
 
 NAME_MAX = 255  # bytes in one path component on the usual file systems
 SIBLING_EXTRA = 32  # what the hidden siblings add to the name: ".NAME.partial-PID-XXXXXXXX"
@@ -50,6 +50,13 @@ class OutputDir:
                     "(use --force to replace it)"
                 )
         check_parent(self.path, "output")  # created with the staging folder, not before
+        if self.path.parent.is_dir():  # can a folder be made there at all (/proc, a full disk)?
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=f".{self.path.name}.probe-",
+                                          dir=self.path.parent))
+            except OSError as exc:
+                raise OutputError(f"cannot create the output folder in {self.path.parent}: "
+                                  f"{describe(exc)}") from exc
         self._staging: Path | None = None
         self._made: list[Path] = []  # folders made for the output, gone again on discard
         self.published = False  # set by commit()
@@ -69,10 +76,14 @@ class OutputDir:
         """The folder files are written into before commit."""
         if self._staging is None:
             self._made = make_parent(self.path, "output")
-            self._staging = Path(
-                tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-",
-                                 dir=self.path.parent)
-            )
+            try:
+                self._staging = Path(
+                    tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-",
+                                     dir=self.path.parent)
+                )
+            except OSError as exc:
+                raise OutputError(f"cannot create the output folder in {self.path.parent}: "
+                                  f"{describe(exc)}") from exc
             usual_mode(self._staging)  # it becomes the output folder
         return self._staging
 

@@ -165,6 +165,8 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise PlanError(f"plan is not valid JSON: {err}") from err
+        except TypeError:
+            raise PlanError(f"a plan is JSON text, got {type(text).__name__}") from None
         except RecursionError:
             raise PlanError("plan is not a plan.json (JSON nested too deeply)") from None
         return cls.from_dict(data)

@@ -1045,3 +1045,21 @@ def test_a_file_where_the_checkpoint_folder_goes_is_refused_before_training(tmp_
                                                  "folder there"):
         mc.compress(_tiny.mlp(), *data, config=CFG, out=tmp_path / "out")
     assert (tmp_path / ".out.checkpoint").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case", ["out in /proc", "sink", "load None", "plan None",
+                                  "no parameters"])
+def test_wrong_arguments_of_public_calls_are_typed_errors(case, data) -> None:
+    from mesimp_compress.errors import CheckpointError, ConfigError, OutputError, PlanError
+
+    calls = {
+        "out in /proc": (OutputError, lambda: mc.compress(_tiny.mlp(), *data, config=CFG,
+                                                          out="/proc/mesimp-out")),
+        "sink": (ConfigError, lambda: mc.compress(_tiny.mlp(), *data, config=CFG, sink=5)),
+        "load None": (CheckpointError, lambda: mc.load(_tiny.mlp(), None)),
+        "plan None": (PlanError, lambda: mc.Plan.from_json(None)),
+        "no parameters": (ConfigError, lambda: mc.RowSparseAdam([])),
+    }
+    error, call = calls[case]
+    with pytest.raises(error):
+        call()
