@@ -407,7 +407,15 @@ class FineTuner:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            raise NonFiniteLossError(  # Adam's lr / (1 - beta1^t) past float32 at lr ~1e38
+                f"the optimizer step overflowed on {where}, step {self.step + 1} "
+                f"(lr {self.cfg.lr:g}); lower the learning rate"
+            ) from None
         self.step += 1
         return value
 

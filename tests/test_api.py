@@ -1063,3 +1063,8 @@ def test_wrong_arguments_of_public_calls_are_typed_errors(case, data) -> None:
     error, call = calls[case]
     with pytest.raises(error):
         call()
+
+
+def test_an_optimizer_step_that_overflows_is_a_non_finite_error(data) -> None:
+    with pytest.raises(mc.NonFiniteLossError, match="overflowed on train batch 1.*lower the"):
+        mc.compress(_tiny.mlp(), *data, config=CFG.replace(lr=1e38))
