@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import USER_FAILURES, DataError, MesimpError, describe
+from .errors import USER_FAILURES, DataError, MesimpError, describe, interrupted
 from .inputs import batch_axis
 
 TARGET_KEYS = ("labels", "label", "targets", "target")  # where a dict batch keeps its targets
@@ -122,6 +122,8 @@ def user_code(what: str, where: str) -> Iterator[None]:
     except MesimpError:
         raise
     except USER_FAILURES as exc:
+        if interrupted(exc):
+            raise KeyboardInterrupt from exc
         raise DataError(f"{what} failed on {where}: {describe(exc)}") from exc
 
 

@@ -16,6 +16,22 @@ class MesimpError(Exception):
 USER_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether a Ctrl-C lies in the chain of ``exc``: an interrupt that lands in a lazy import
+    (torch imports its exporters on first use) surfaces as the error the half-imported module
+    raises next, which must not pass for an ordinary failure."""
+    stack, seen = [exc], set()
+    while stack:
+        item = stack.pop()
+        if item is None or id(item) in seen:
+            continue
+        if isinstance(item, KeyboardInterrupt):
+            return True
+        seen.add(id(item))
+        stack += [item.__cause__, item.__context__]
+    return False
+
+
 def describe(exc: BaseException) -> str:
     """``Type: first line of the message``: how a foreign error (the user's code, torch,
     a file reader) is quoted inside one of ours."""

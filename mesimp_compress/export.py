@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import USER_FAILURES, ConfigError, ExportError, ShapeError, describe
+from .errors import USER_FAILURES, ConfigError, ExportError, ShapeError, describe, interrupted
 from .events import EventSink, emit
 from .inputs import (
     BATCH,
@@ -200,11 +200,10 @@ def _export_with_fallback(
             _check_opset(scratch / target.name, job)
             for part in sorted(scratch.iterdir(), key=lambda p: p.name == target.name):
                 os.replace(part, target.parent / part.name)
-        except ExportError as exc:
-            failures.append((name, str(exc)))
-            continue
         except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, typed
-            failures.append((name, error_line(exc)))
+            if interrupted(exc):  # Ctrl-C inside torch's lazy imports: not a failure to report
+                raise KeyboardInterrupt from exc
+            failures.append((name, str(exc) if isinstance(exc, ExportError) else error_line(exc)))
             continue
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

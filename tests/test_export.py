@@ -468,3 +468,19 @@ class _Cached(nn.Module):
 def test_a_model_returning_its_cache_is_told_to_turn_it_off(tmp_path):
     with pytest.raises(ExportError, match=r"set model.config.use_cache = False$"):
         export_onnx(_Cached(), (torch.randn(2, 4),), tmp_path / "cached.onnx")
+
+
+def test_ctrl_c_inside_a_lazy_import_of_the_exporter_is_not_a_fallback(tmp_path, monkeypatch):
+    from mesimp_compress import export
+
+    def half_imported(job, path):  # what a Ctrl-C during `import torch._dynamo` leaves
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("partially initialized module 'torch._dynamo' has no "
+                                 "attribute 'exc'") from None
+
+    monkeypatch.setitem(export._EXPORT, "dynamo", half_imported)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(zoo.mlp(), (torch.randn(2, 16),), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
