@@ -25,7 +25,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,8 @@ class _Job:
     opset: int | None
     external_data: bool = False
     outputs: Sequence[torch.Tensor] = ()  # PyTorch's, for the example inputs
+    # where the TorchScript trace turned a tensor into a Python value (file:line)
+    traced_constants: list[str] = field(default_factory=list)
 
 
 def _export_with_fallback(
@@ -208,6 +210,11 @@ def _export_with_fallback(
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         reason = "; ".join(f"{n} exporter failed: {r}" for n, r in failures) or None
+        if job.traced_constants:  # torch's TracerWarning, which quiet() keeps off the screen
+            reason = (f"{reason}; " if reason else "") + (
+                "the TorchScript trace froze the example's path where the model turns a "
+                f"tensor into a Python value ({', '.join(job.traced_constants[:3])}): "
+                "inputs that branch otherwise there get wrong outputs")
         if reason:
             emit(sink, "export_fallback", exporter=name, reason=reason)
         return _describe(target, name, job, reason)
@@ -241,7 +248,8 @@ def _export_dynamo(job: _Job, path: Path) -> None:
 def _export_torchscript(job: _Job, path: Path) -> None:
     axes = {n: dict(a) for n, a in zip(job.input_names, job.axes, strict=True) if a}
     axes.update(zip(job.output_names, _output_axes(job), strict=True))
-    with quiet():
+    with quiet(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
         torch.onnx.export(
             job.model,
             job.inputs,
@@ -253,6 +261,12 @@ def _export_torchscript(job: _Job, path: Path) -> None:
             dynamic_axes=axes,
             do_constant_folding=True,
         )
+    torch_dir = Path(torch.__file__).parent  # torch's own (packing an LSTM's lengths) is safe
+    job.traced_constants = list(dict.fromkeys(
+        f"{Path(w.filename).name}:{w.lineno}" for w in caught
+        if issubclass(w.category, torch.jit.TracerWarning) and "generalize" in str(w.message)
+        and not Path(w.filename).is_relative_to(torch_dir)
+    ))
 
 
 _EXPORT: dict[str, Callable[[_Job, Path], None]] = {

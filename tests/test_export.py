@@ -279,6 +279,8 @@ def test_dynamo_failure_falls_back_to_torchscript_and_says_so(tmp_path):
     r = export_onnx(model, (torch.randn(2, 8),), tmp_path / "dd.onnx", sink=events.append)
     assert r.exporter == "torchscript"
     assert r.fallback_reason.startswith("dynamo exporter failed:")
+    # torch's TracerWarning, kept off the screen, says where the trace froze the branch
+    assert re.search(r"froze the example's path .*\(test_export\.py:\d+\)", r.fallback_reason)
     assert [e.kind for e in events][-1] == "export_fallback"
     assert _dims(r.path) == {"x": ["batch", 8]}
     assert check_parity(r.path, model, [(torch.randn(5, 8),)]).passed
@@ -484,3 +486,21 @@ def test_ctrl_c_inside_a_lazy_import_of_the_exporter_is_not_a_fallback(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         export_onnx(zoo.mlp(), (torch.randn(2, 16),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_internal_trace_constants_are_not_reported(tmp_path):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(4, 6, batch_first=True)
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            return pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
+                                       total_length=x.shape[1])[0]
+
+    r = export_onnx(Packed().eval(), (torch.randn(3, 5, 4), torch.tensor([5, 3, 2])),
+                    tmp_path / "p.onnx", exporter="torchscript")
+    assert r.fallback_reason is None
