@@ -168,6 +168,16 @@ def resize_inputs(
     return tuple(out)
 
 
+def check_room(inputs: Any, axes: Sequence[Axes] | None, batch: int | None,
+               seq: int | None = None) -> None:
+    """The memory check of :func:`resize_inputs` alone: a size that cannot be timed is
+    refused before any fine-tuning, not after it."""
+    inputs = as_inputs(inputs)
+    axes = list(axes) if axes is not None else default_dynamic_axes(inputs)
+    if len(axes) == len(inputs):
+        _check_room(inputs, axes, {BATCH: batch, SEQ: seq})
+
+
 def _check_room(inputs: Sequence[Any], axes: Sequence[Axes], sizes: dict[str, int | None]) -> None:
     """ConfigError when the resized inputs alone would take over a quarter of the memory
     available now (a model's activations take several times more): an absurd --batch was

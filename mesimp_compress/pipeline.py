@@ -65,7 +65,7 @@ def prove_original(
     then be proven; adjust atol/rtol or opset)."""
     from .batches import user_code
     from .export import export_onnx
-    from .inputs import observed_axes
+    from .inputs import check_room, observed_axes
     from .sizes import onnx_layer_sizes, unused_params
     from .verify import check_parity, evaluate_onnx, make_session, parity_inputs
 
@@ -79,6 +79,8 @@ def prove_original(
     # e.g. float sequences padded per batch (and the batch axis of time-major inputs), seen
     # in any eval batch: a length that first differs in a later one failed there in ORT
     axes = observed_axes(inputs, [*batches, *_input_shapes(eval_data)], cfg.batch_dim)
+    if cfg.batches:  # the latency table's largest batch must fit (checked again when timed)
+        check_room(inputs, axes, max(cfg.batches), cfg.bench_seq)
     notes = _resized_batch(before, batches, names, cfg.batch_dim, axes)
     for note in notes:
         emit(sink, "note", message=note)

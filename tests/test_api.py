@@ -1068,3 +1068,12 @@ def test_wrong_arguments_of_public_calls_are_typed_errors(case, data) -> None:
 def test_an_optimizer_step_that_overflows_is_a_non_finite_error(data) -> None:
     with pytest.raises(mc.NonFiniteLossError, match="overflowed on train batch 1.*lower the"):
         mc.compress(_tiny.mlp(), *data, config=CFG.replace(lr=1e38))
+
+
+def test_a_latency_batch_too_large_for_memory_fails_before_fine_tuning(tmp_path, data) -> None:
+    events = []
+    with pytest.raises(mc.ConfigError, match="batch 1000000000000 would take .* GiB"):
+        mc.compress(_tiny.mlp(), *data, config=CFG.replace(batches=[1, 10**12]),
+                    out=tmp_path / "out", sink=events.append)
+    assert not [e for e in events if e.kind in ("window", "epoch_start")]
+    assert list(tmp_path.iterdir()) == []
