@@ -48,7 +48,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ) -> None:
     from mesimp_compress.errors import ConfigError, ShapeError
-    from mesimp_compress.inputs import BATCH
+    from mesimp_compress.inputs import BATCH, check_room
     from mesimp_compress.latency import (
         benchmark,
         check_settings,
@@ -81,6 +81,7 @@ def bench(
             f"{models[0].name} has no batch axis to resize (inputs {_sig(first)}); "
             f"time it at the size it was exported with: --batch {_leading(inputs)}"
         )
+    check_room(inputs, axes, max(batches), seq)  # before the "timing" line, not after it
     labels = _labels(models)
     if not as_json:
         err_console.print(

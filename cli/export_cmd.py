@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,7 @@ def _tensor(text: str) -> Any:
     import torch
 
     from mesimp_compress.errors import ConfigError
+    from mesimp_compress.inputs import check_bytes
 
     dtype_name, _, dims = text.rpartition(":")
     dtype_name = dtype_name.strip().lower() or "float32"
@@ -195,6 +197,7 @@ def _tensor(text: str) -> Any:
     if not shape or any(d < 1 for d in shape):
         raise ConfigError(f"--input-shape {text!r} needs positive dims")
     dtype = getattr(torch, DTYPES[dtype_name])
+    check_bytes(math.prod(shape) * dtype.itemsize, f"--input-shape {text}")
     if dtype.is_floating_point:
         return torch.randn(shape).to(dtype)
     if dtype == torch.bool:

@@ -182,18 +182,24 @@ def _check_room(inputs: Sequence[Any], axes: Sequence[Axes], sizes: dict[str, in
     """ConfigError when the resized inputs alone would take over a quarter of the memory
     available now (a model's activations take several times more): an absurd --batch was
     killed by the kernel instead."""
-    free = _available_memory()
-    if free is None:  # not known on this platform: nothing to check
-        return
     need = 0
     for x, entry in zip(inputs, axes, strict=True):
         if isinstance(x, torch.Tensor):
             shape = [sizes.get(entry.get(d, ""), None) or n for d, n in enumerate(x.shape)]
             need += math.prod(shape) * x.element_size()
+    check_bytes(need, ", ".join(f"{name} {size}" for name, size in sizes.items()
+                                if size is not None))
+
+
+def check_bytes(need: int, told: str) -> None:
+    """ConfigError when inputs of ``need`` bytes (described by ``told``: "batch 64") would
+    take over a quarter of the memory available now."""
+    free = _available_memory()
+    if free is None:  # not known on this platform: nothing to check
+        return
     if need > free / 4:
-        told = ", ".join(f"{name} {size}" for name, size in sizes.items() if size is not None)
         raise ConfigError(
-            f"inputs at {told} would take {need / 2**30:.1f} GiB, too much for the "
+            f"inputs at {told} would take {need / 2**30:.3g} GiB, too much for the "
             f"{free / 2**30:.1f} GiB of memory free here: choose a smaller size"
         )
 

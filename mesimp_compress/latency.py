@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 from .config import MAX_THREADS
 from .errors import ConfigError, DataError, ShapeError
 from .events import EventSink, emit
-from .inputs import BATCH, SEQ, resize_inputs
+from .inputs import BATCH, SEQ, check_bytes, resize_inputs
 from .verify import feed, make_session, one_line
 
 
@@ -357,6 +357,15 @@ def inputs_from_onnx(
     initializers = {i.name for i in graph.initializer}
     generator = torch.Generator().manual_seed(seed)
     inputs, axes, names = [], [], []
+    need = 0
+    symbolic = {d.dim_param for v in graph.input for d in v.type.tensor_type.shape.dim
+                if d.HasField("dim_param")}
+    unknown = sorted(set(sizes) - symbolic)
+    if unknown:
+        raise ConfigError(
+            f"{os.fspath(path)} has no symbolic axis {', '.join(map(repr, unknown))}; its "
+            f"symbolic axes: {', '.join(sorted(symbolic)) or 'none'}"
+        )
     for value in graph.input:
         if value.name in initializers:
             continue
@@ -387,6 +396,8 @@ def inputs_from_onnx(
                     f"batch nor a sequence axis: give its size (--size {dim.dim_param}=N)"
                 )
             shape.append(size)
+        need += math.prod(shape) * dtype.itemsize
+        check_bytes(need, f"shape {shape} (input '{value.name}')")
         if dtype.is_floating_point:
             x = torch.randn(shape, generator=generator).to(dtype)
         elif dtype == torch.bool:

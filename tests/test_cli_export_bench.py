@@ -109,6 +109,8 @@ def test_export_loads_weights_and_prints_a_table(factory, tmp_path):
          "tolerances must be atol > 0"),
         (["--input-shape", "2,8", "--atol", "nan", "--out", "{tmp}/a.onnx"],
          "tolerances must be atol > 0"),
+        (["--input-shape", "99999999999999999999999,8", "--out", "{tmp}/a.onnx"],
+         "too much for the"),
     ],
 )
 def test_export_user_errors_are_one_line_and_exit_2(factory, tmp_path, args, message):
@@ -215,6 +217,9 @@ def test_bench_errors(onnx_pair, tmp_path):
     ).path
     mismatch = runner.invoke(app, ["bench", str(a), str(other), "--rounds", "1"])
     assert mismatch.exit_code == 2 and "takes inputs" in mismatch.stderr
+    long = runner.invoke(app, ["bench", str(other), str(other), "--seq", "9" * 20])
+    assert long.exit_code == 2 and "too much for the" in long.stderr, long.output
+    assert len(long.stderr.strip().splitlines()) == 1
     bad_batch = runner.invoke(app, ["bench", str(a), str(a), "--batch", "0"])
     assert bad_batch.exit_code == 2 and "positive ints" in bad_batch.stderr
     (tmp_path / "garbage.onnx").write_bytes(b"\x08\xff\xff not protobuf")
@@ -228,7 +233,9 @@ def test_bench_errors(onnx_pair, tmp_path):
     for args, says in ((["--threads", "1000000"], "thread counts must be ints in [1, 1024]"),
                        (["--max-seconds", "-1"], "max_seconds must be a finite number"),
                        (["--max-seconds", "nan"], "max_seconds must be a finite number"),
-                       (["--seq", "0"], "sequence length must be >= 1")):
+                       (["--seq", "0"], "sequence length must be >= 1"),
+                       (["--batch", "99999999999999999999"], "too much for the"),
+                       (["--size", "nope=3"], "has no symbolic axis 'nope'")):
         refused = runner.invoke(app, ["bench", str(a), str(a), *args])
         assert refused.exit_code == 2 and says in refused.stderr, refused.output
         assert len(refused.stderr.strip().splitlines()) == 1  # nothing printed before it
