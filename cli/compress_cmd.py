@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,19 +223,20 @@ def compress(
 
     renderer = ProgressRenderer(err_console if as_json else console, quiet=quiet or as_json)
     try:
-        result = run(
-            net,
-            train,
-            eval_data,
-            config=cfg,
-            loss=loss_fn,
-            metric=metric_fn,
-            out=out,
-            force=force,
-            sink=renderer,
-            factory=model,
-            resume=resume,
-        )
+        with _ctrl_c_honoured(renderer) as sink:
+            result = run(
+                net,
+                train,
+                eval_data,
+                config=cfg,
+                loss=loss_fn,
+                metric=metric_fn,
+                out=out,
+                force=force,
+                sink=sink,
+                factory=model,
+                resume=resume,
+            )
     except KeyboardInterrupt:
         if not Checkpointer(default_dir(out)).exists():
             raise fail("interrupted before the first window finished: there is no checkpoint; "
@@ -291,3 +296,31 @@ def _parse_k(text: str | None) -> int | float | str | None:
         return float(text)
     except ValueError:
         return text  # CompressConfig rejects it with a KError naming the value
+
+
+@contextlib.contextmanager
+def _ctrl_c_honoured(renderer: Any) -> Iterator[Any]:
+    """The renderer as the run's sink, raising KeyboardInterrupt at the next event once
+    Ctrl-C was pressed: an interrupt that a library below swallowed (one landing in a lazy
+    import turns into that module's next error, which a fallback may take for an ordinary
+    failure) still ends the run, with exit 130."""
+    pressed: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield renderer
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    def sink(event: Any) -> None:
+        if pressed:
+            pressed.clear()
+            raise KeyboardInterrupt
+        renderer(event)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield sink
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -183,3 +183,25 @@ def test_a_bad_flag_beside_a_recipe_is_blamed_on_the_flags(tmp_path) -> None:
     recipe.write_text(RECIPE.replace("batches = [1, 4]", 'batches = [1, "x"]'))
     bad = runner.invoke(app, args)
     assert bad.exit_code == 2 and "recipe.toml: batches must be" in bad.stderr, bad.stderr
+
+
+def test_a_ctrl_c_that_code_below_swallows_still_ends_the_run(tmp_path) -> None:
+    # as an interrupt landing in a lazy import does: turned into another error, caught
+    swallower = tmp_path / "swallow.py"
+    swallower.write_text(
+        "import os, signal\n"
+        "import torch\n\n"
+        "def metric(outputs, targets):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        sum(range(10 ** 5))  # the handler runs here\n"
+        "    except BaseException:\n"
+        "        pass\n"
+        "    return (outputs.argmax(1) == targets).float().mean()\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, [
+        "compress", _tiny.spec("mlp"), "--data", _tiny.spec("mlp_data"), "--out", str(out),
+        "--metric", f"{swallower}:metric", "--epochs", "1", "--recovery-epochs", "0",
+        "--threads", "1"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and not out.exists()
