@@ -199,7 +199,7 @@ def check_bytes(need: int, told: str) -> None:
         return
     if need > free / 4:
         raise ConfigError(
-            f"inputs at {told} would take {need / 2**30:.3g} GiB, too much for the "
+            f"inputs at {told} would take {need / 2**30:.1f} GiB, too much for the "
             f"{free / 2**30:.1f} GiB of memory free here: choose a smaller size"
         )
 
