@@ -224,10 +224,9 @@ class ActivityTracker:
 
     def reset(self) -> None:
         """Forget every counter, window and total."""
-        for hits, seen in self._native.values():  # a backward still to come counts afresh
-            hits.zero_()
+        for hits, seen in self._native.values():  # kept: a backward still to come (its
+            hits.zero_()  # forward took these counters) counts afresh
             seen.zero_()
-        self._native.clear()
         self._queue.clear()
         self._window.clear()
         self._total.clear()
@@ -236,6 +235,7 @@ class ActivityTracker:
 
     def select(self, key: str, kept_indices: Sequence[int] | torch.Tensor) -> None:
         """Keep only the counters of the kept units of ``key`` (after surgery)."""
+        self._fold(key)  # compiled counts not read yet
         if key not in self._total:
             return
         index = torch.as_tensor(kept_indices, dtype=torch.int64).reshape(-1)

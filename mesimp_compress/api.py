@@ -257,8 +257,6 @@ def load(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
     CheckpointError the model may be left partly rebuilt: build a fresh one to try again."""
     from .surgery import load_compressed
 
-    if not isinstance(fresh_model, nn.Module):
-        raise ConfigError(f"load needs a freshly built nn.Module, got {type(fresh_model).__name__}")
     if not isinstance(directory, (str, os.PathLike)):
         raise CheckpointError(f"directory must be the path of a run folder, got "
                               f"{type(directory).__name__}")

@@ -230,3 +230,48 @@ def test_build_dir_follows_torch_python_and_source(monkeypatch, tmp_path):
     where = native.build_dir()
     assert where.parent == tmp_path / "native"
     assert torch.__version__.replace("+", "_") in where.name
+
+
+def test_tied_scores_go_to_the_lower_units():
+    # units no gradient reaches tie at 0: the same gradients as Python, and the hits go to
+    # the lowest indices (torch.topk leaves the order of ties open)
+    layer = nn.Linear(6, 64)
+    x = torch.randn(4, 6)
+    up = torch.zeros(4, 64)
+    up[:, 40:43] = torch.randn(4, 3)
+    fast, hits, _ = _run(layer, x, up, python=False, k=5)
+    ref, _, _ = _run(layer, x, up, python=True, k=5)
+    for got, want in zip(fast, ref, strict=True):
+        torch.testing.assert_close(got, want)
+    assert hits.nonzero().squeeze(1).tolist() == [0, 1, 40, 41, 42]
+
+
+def test_select_and_reset_see_compiled_counts_not_read_yet():
+    tracker = mc.ActivityTracker()
+    layer = MePropLinear.wrap(nn.Linear(5, 8), 2, tracker=tracker, key="l")
+    x = torch.randn(4, 5)
+    layer(x).sum().backward()
+    tracker.select("l", [0, 1, 2, 3])  # nothing read since the backward
+    layer.weight = nn.Parameter(layer.weight[:4].detach().clone())
+    layer.bias = nn.Parameter(layer.bias[:4].detach().clone())
+    layer(x).sum().backward()
+    assert tracker.window_hits("l").shape == (4,) and tracker.window_examples("l") == 8
+    y = layer(x)
+    tracker.reset()  # between a forward and its backward: that backward counts afresh
+    y.sum().backward()
+    assert tracker.window_examples("l") == 4 and int(tracker.window_hits("l").sum()) == 8
+
+
+def test_a_damaged_build_is_not_loaded(monkeypatch, tmp_path):
+    built = native.build_dir()
+    monkeypatch.setenv("MESIMP_CACHE", str(tmp_path))
+    copy_dir = native.build_dir()
+    copy_dir.mkdir(parents=True)
+    library = next(built.glob(f"{native.NAME}.*so")) if list(built.glob("*.so")) else None
+    if library is None:
+        pytest.skip("no shared library in the build folder")
+    (copy_dir / native.STAMP).write_bytes((built / native.STAMP).read_bytes())
+    (copy_dir / library.name).write_bytes(library.read_bytes()[:100_000])  # cut short
+    assert native._load_built() is None  # loading it would kill the process (SIGBUS)
+    (copy_dir / library.name).write_bytes(library.read_bytes())
+    assert native._load_built() is not None

@@ -56,8 +56,9 @@ int weight_use(const Tensor& weight) {
   return it->second.needed_ ? 0 : 2;
 }
 
-// Scores (sum of |dy| over rows), the bias gradient when asked, and the k best units
-// (NaN ranks above every number, as in torch.topk).
+// Scores (sum of |dy| over rows), the bias gradient when asked, and the k best units:
+// NaN ranks above every number (as in torch.topk) and equal scores go to the lower index
+// (torch.topk leaves that open; this picks the same units on every run and machine).
 template <typename T>
 void select_units(const Tensor& dy, int64_t k, T* bias, int64_t* units) {
   const int64_t rows = dy.size(0), width = dy.size(1);
@@ -80,7 +81,14 @@ void select_units(const Tensor& dy, int64_t k, T* bias, int64_t* units) {
   std::vector<int64_t> order(width);
   std::iota(order.begin(), order.end(), 0);
   auto before = [s](int64_t a, int64_t b) {
-    return s[a] > s[b] || (std::isnan(s[a]) && !std::isnan(s[b]));
+    const bool nan_a = std::isnan(s[a]), nan_b = std::isnan(s[b]);
+    if (nan_a != nan_b) {
+      return nan_a;
+    }
+    if (!nan_a && s[a] != s[b]) {
+      return s[a] > s[b];
+    }
+    return a < b;
   };
   std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
   std::copy(order.begin(), order.begin() + k, units);

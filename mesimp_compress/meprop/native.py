@@ -21,8 +21,11 @@ import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
+import json
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +35,7 @@ import torch
 from ..errors import BuildError, describe
 
 NAME = "mesimp_native"
+STAMP = "build.json"  # size and sha256 of the file a finished build wrote
 SOURCE = Path(__file__).with_name("native.cpp")
 CFLAGS = ["-O3"]
 
@@ -56,17 +60,40 @@ def build() -> Path:
     path = os.environ.get("PATH", "")
     # torch runs `ninja` from PATH: let it find the one pip put beside this interpreter
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    logger = logging.getLogger("torch.utils.cpp_extension")  # its compiler warnings: ours
+    level = logger.level  # to report, not to print
+    logger.setLevel(logging.ERROR + 1)
     try:
         where.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=CFLAGS,
-                                    build_directory=str(where), verbose=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=CFLAGS,
+                                        build_directory=str(where), verbose=False)
+        built_file = Path(module.__file__)
+        (where / STAMP).write_text(json.dumps(_fingerprint(built_file)))
     except (OSError, RuntimeError, ImportError) as exc:  # no compiler/ninja, failed build
         raise BuildError(f"could not build the compiled meProp backward in {where}: "
-                         f"{describe(exc)}") from exc
+                         f"{_cause(exc)}") from exc
     finally:
         os.environ["PATH"] = path
+        logger.setLevel(level)
     _STATE.update(module=module, looked=True)
-    return Path(module.__file__)
+    return built_file
+
+
+def _cause(exc: BaseException) -> str:
+    """The line of a failed build that says why (torch's message starts with the command)."""
+    for line in str(exc).splitlines():
+        low = line.lower()
+        if any(word in low for word in ("not found", "error:", "no such file", "is required",
+                                        "permission denied")):
+            return line.strip()
+    return describe(exc)
+
+
+def _fingerprint(path: Path) -> dict[str, object]:
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def module() -> ModuleType | None:
@@ -89,18 +116,21 @@ def built() -> ModuleType | None:
 
 
 def _load_built() -> ModuleType | None:
+    """The built module, if its file is the one the build finished: loading a truncated or
+    damaged shared library can kill the process (SIGBUS), so it is checked first."""
     try:
         where = build_dir()
+        stamp = json.loads((where / STAMP).read_text())
         for suffix in importlib.machinery.EXTENSION_SUFFIXES + [".so"]:
             path = where / f"{NAME}{suffix}"
-            if path.is_file():
+            if path.is_file() and stamp == _fingerprint(path):
                 spec = importlib.util.spec_from_file_location(NAME, path)
                 if spec is None or spec.loader is None:
                     return None
                 built = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(built)
                 return built
-    except (OSError, ImportError):  # a damaged or foreign build: run the Python path
+    except (OSError, ImportError, ValueError):  # no build, a damaged or foreign one: Python
         return None
     return None
 
