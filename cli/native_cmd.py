@@ -31,8 +31,9 @@ def build_native(
         found = native.module()
         if found is not None:
             typer.echo(f"built: {found.__file__}")
-        elif os.environ.get("MESIMP_NATIVE") == "0":
-            typer.echo("turned off (MESIMP_NATIVE=0)")
+        elif native.turned_off():
+            exists = "a build exists" if native.is_built() else "not built"
+            typer.echo(f"turned off by MESIMP_NATIVE={os.environ['MESIMP_NATIVE']} ({exists})")
         else:
             typer.echo(f"not built (it would go to {native.build_dir()})")
         raise typer.Exit(0 if found is not None else 1)

@@ -47,7 +47,7 @@ class OutputDir:
             if any(self.path.iterdir()) and not force:
                 raise OutputExistsError(
                     f"output directory {self.path} exists and is not empty "
-                    "(use --force to replace it)"
+                    "(use --force, or force=True, to replace it)"
                 )
         check_parent(self.path, "output")  # created with the staging folder, not before
         if self.path.parent.is_dir():  # can a folder be made there at all (/proc, a full disk)?

@@ -186,7 +186,8 @@ def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str | None]:
-    """Versions of Python and of the packages the proof depends on."""
+    """Versions of Python and of the packages the proof depends on, and which meProp
+    backward of nn.Linear ran ("compiled" or "python": results differ in float rounding)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "mesimp-compress"):
         try:
@@ -194,6 +195,9 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name.replace("-", "_")] = None
     out["torch"] = torch.__version__
+    from .meprop import native
+
+    out["meprop_backward"] = "compiled" if native.module() is not None else "python"
     return out
 
 

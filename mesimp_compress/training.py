@@ -223,7 +223,7 @@ class FineTuner:
         remove_meprop(self.model)
         self.simp.detach_means(self.model)
         metric_after = self._evaluate()
-        notes = self.simp.notes() + self._unseen_notes()
+        notes = self.simp.notes() + self._unseen_notes() + self._nothing_pruned()
         for note in notes:
             emit(self.sink, "note", message=note)
         emit(
@@ -418,6 +418,21 @@ class FineTuner:
             ) from None
         self.step += 1
         return value
+
+    def _nothing_pruned(self) -> list[str]:
+        """A note when no layer ended smaller, saying why: a run that compressed nothing
+        otherwise reads as a success."""
+        widths = self.simp.widths()
+        if not widths or any(w < self.simp.original_widths[k] for k, w in widths.items()):
+            return []
+        if self.rollbacks:
+            frozen = sorted({k for r in self.rollbacks for k in r.keys})
+            why = (f"the accuracy guard rolled back every prune (max_drop {self.cfg.max_drop:g}; "
+                   f"frozen: {', '.join(frozen)}): allow a larger drop or prune more gently")
+        else:
+            why = ("no unit's hits fell below prune_rate x examples in a window: raise "
+                   "prune_rate or lower k")
+        return [f"nothing was pruned: {why}"]
 
     # ------------------------------------------------------------------ windows
     def _end_window(self, phase: Phase, epoch: int, loss: float) -> None:

@@ -1077,3 +1077,21 @@ def test_a_latency_batch_too_large_for_memory_fails_before_fine_tuning(tmp_path,
                     out=tmp_path / "out", sink=events.append)
     assert not [e for e in events if e.kind in ("window", "epoch_start")]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("why", ["no hits under the rate", "every prune rolled back"])
+def test_a_run_that_prunes_nothing_says_why(data, why) -> None:
+    events, calls = [], []
+
+    def falling(outputs, targets):  # worse at every evaluation: the guard undoes each prune
+        calls.append(1)
+        return torch.tensor(1.0 - 0.001 * len(calls))
+
+    if why == "no hits under the rate":
+        cfg, metric, says = CFG.replace(prune_rate=0.0), None, "no unit's hits fell below"
+    else:
+        cfg, metric, says = CFG.replace(max_drop=0.0001), falling, "rolled back every prune"
+    result = mc.compress(_tiny.mlp(), *data, config=cfg, metric=metric, sink=events.append)
+    assert all(len(v) == result.widths_before[k] for k, v in result.plan.kept.items())
+    notes = [e.data["message"] for e in events if e.kind == "note"]
+    assert any(n.startswith("nothing was pruned: ") and says in n for n in notes), notes

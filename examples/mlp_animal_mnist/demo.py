@@ -37,7 +37,7 @@ def main() -> int:
         f"{HERE / 'model.py'}:build", "--weights", str(BASELINE),
         "--data", "animal-mnist", "--out", str(args.out), "--force", *extra,
     ]
-    print("$ mesimp " + " ".join(command[4:]))
+    print("$ mesimp " + " ".join(command[3:]))
     return subprocess.call(command, cwd=ROOT)
 
 

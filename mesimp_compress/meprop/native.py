@@ -104,9 +104,14 @@ def module() -> ModuleType | None:
         return None
     if not _STATE["looked"]:
         _STATE["looked"] = True
-        if os.environ.get("MESIMP_NATIVE", "1") != "0":
+        if not turned_off():
             _STATE["module"] = _load_built()
     return _STATE["module"]  # type: ignore[return-value]
+
+
+def turned_off() -> bool:
+    """Whether ``MESIMP_NATIVE`` turns the compiled path off (0, false, off or no)."""
+    return os.environ.get("MESIMP_NATIVE", "").strip().lower() in ("0", "false", "off", "no")
 
 
 def built() -> ModuleType | None:
@@ -115,24 +120,40 @@ def built() -> ModuleType | None:
     return _STATE["module"]  # type: ignore[return-value]
 
 
-def _load_built() -> ModuleType | None:
-    """The built module, if its file is the one the build finished: loading a truncated or
-    damaged shared library can kill the process (SIGBUS), so it is checked first."""
+def is_built() -> bool:
+    """Whether a finished build for this torch, Python and source is on disk."""
+    return _built_file() is not None
+
+
+def _built_file() -> Path | None:
+    """The built library, if it is the file the build finished: loading a truncated or
+    damaged shared library can kill the process (SIGBUS), so its size and hash are checked
+    against the stamp the build wrote."""
     try:
         where = build_dir()
         stamp = json.loads((where / STAMP).read_text())
         for suffix in importlib.machinery.EXTENSION_SUFFIXES + [".so"]:
             path = where / f"{NAME}{suffix}"
             if path.is_file() and stamp == _fingerprint(path):
-                spec = importlib.util.spec_from_file_location(NAME, path)
-                if spec is None or spec.loader is None:
-                    return None
-                built = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(built)
-                return built
-    except (OSError, ImportError, ValueError):  # no build, a damaged or foreign one: Python
+                return path
+    except (OSError, ValueError):  # no build, or a damaged or foreign one
         return None
     return None
+
+
+def _load_built() -> ModuleType | None:
+    path = _built_file()
+    if path is None:
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(NAME, path)
+        if spec is None or spec.loader is None:
+            return None
+        built = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(built)
+        return built
+    except (OSError, ImportError):  # built for another torch after all: the Python path
+        return None
 
 
 @contextlib.contextmanager
