@@ -74,12 +74,16 @@ def train_dense(model: torch.nn.Module, train_data: Iterable[Any], eval_data: It
 
 def main(doc: str, train: Callable[..., dict[str, float]], default_out: Path,
          default_epochs: int) -> None:
-    """The command line of a `train_baseline.py`: --out, --epochs, --seed."""
+    """The command line of a `train_baseline.py`: --out, --epochs, --seed, --threads."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_out)
     parser.add_argument("--epochs", type=int, default=default_epochs)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); the baseline moves with it")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     metrics = train(args.out, epochs=args.epochs, seed=args.seed, log=print)
     print(f"eval accuracy {metrics['eval_accuracy']:.2f}% (train {metrics['train_accuracy']:.2f}%) "
           f"after {metrics['epochs']} epochs in {metrics['seconds']:.1f} s; saved {args.out}")
