@@ -11,8 +11,8 @@ The build needs a C++ compiler and ninja (``pip install ninja``) and takes about
 minute; ``mesimp build-native`` or :func:`build` does it, ``make`` does it while setting up.
 It is cached per torch version, Python version and source under
 ``$MESIMP_CACHE`` (default ``~/.cache/mesimp_compress``). Nothing is compiled implicitly: a
-process that finds no build runs the Python path. ``MESIMP_NATIVE=0`` turns the compiled
-path off.
+process that finds no finished build (or a damaged one) runs the Python path.
+``MESIMP_NATIVE=0`` (or false, off, no) turns the compiled path off.
 """
 
 from __future__ import annotations
