@@ -68,12 +68,12 @@ def _classes_last(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor 
     ``targets``: (B, ..., C) as given, or (B, C, ...) with dim 1 moved last."""
     if outputs.dim() != targets.dim() + 1:
         return None
-    if outputs.shape[:-1] == targets.shape:
-        return outputs
-    if outputs.dim() > 2 and outputs.shape[0] == targets.shape[0] and (
-            outputs.shape[2:] == targets.shape[1:]):
-        return outputs.movedim(1, -1)
-    return None
+    last = outputs.shape[:-1] == targets.shape
+    first = outputs.dim() > 2 and outputs.shape[0] == targets.shape[0] and (
+        outputs.shape[2:] == targets.shape[1:])
+    if first and (not last or outputs.dim() > 3):  # an image's (B, C, H, W), as convolutions
+        return outputs.movedim(1, -1)  # give it, also where C == W
+    return outputs if last else None
 
 
 def _classes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +145,11 @@ def distillation(student: Any, teacher: Any, targets: Any, temperature: float) -
 
 def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
              temperature: float) -> torch.Tensor:
-    is_logits = (
-        isinstance(targets, torch.Tensor)
-        and not targets.dtype.is_floating_point
-        and _classes_last(student, targets) is not None
-    )
+    scores = (_classes_last(student, targets) if isinstance(targets, torch.Tensor)
+              and not targets.dtype.is_floating_point else None)
+    # one output per position is a binary classifier's logit only for 0/1 targets (integer
+    # targets such as ages or counts make it a regression)
+    is_logits = scores is not None and (scores.shape[-1] > 1 or _binary(targets))
     if not is_logits:
         same = ~teacher.isfinite() & (student == teacher)  # a score masked to -inf in both
         if bool(same.any()):
@@ -178,6 +178,11 @@ def _distill(student: torch.Tensor, teacher: torch.Tensor, targets: Any,
     # where the student masks them too (kl_div gave 0 * (-inf - -inf) = NaN there)
     terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
     return terms.sum() / s.shape[0] * temperature**2
+
+
+def _binary(targets: torch.Tensor) -> bool:
+    real = targets[targets != IGNORE_INDEX]
+    return real.numel() == 0 or (int(real.min()) >= 0 and int(real.max()) <= 1)
 
 
 def causal_lm(model: Any) -> bool:
@@ -228,6 +233,8 @@ def metric_value(
                 f"{where}; return a number (the batch mean) or a pair (sum, count)"
             )
         total, count = _number(result[0], where), _number(result[1], where)
+        if count == 0 and not math.isfinite(total):  # a masked mean over nothing (NaN x 0):
+            return 0.0, 0.0  # this batch scored no example
     else:
         total, count = _number(result, where) * batch, float(batch)
     if not (math.isfinite(total) and math.isfinite(count)):

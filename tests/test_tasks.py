@@ -196,3 +196,28 @@ def test_distillation_of_a_single_logit_is_the_kl_of_the_two_bernoullis():
     assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert got.item() > 0.01
     assert tasks.distillation(teacher, teacher, targets, 2.0).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_a_square_segmentation_takes_its_classes_at_dim_1():
+    # C == H == W: both layouts fit the targets; a convolution gives (B, C, H, W)
+    torch.manual_seed(0)
+    out = torch.randn(4, 8, 8, 8)
+    y = torch.randint(0, 8, (4, 8, 8))
+    assert tasks.accuracy(out, y) == (float((out.argmax(1) == y).sum()), 256.0)
+    assert float(tasks.cross_entropy(out, y)) == pytest.approx(float(F.cross_entropy(out, y)))
+    tagged = torch.randn(4, 8, 8)  # a tagger's (B, T, C) with C == T keeps the classes last
+    y2 = torch.randint(0, 8, (4, 8))
+    assert tasks.accuracy(tagged, y2)[0] == float((tagged.argmax(-1) == y2).sum())
+
+
+def test_one_output_with_integer_targets_beyond_0_1_is_distilled_as_a_regression():
+    ages = torch.tensor([30, 41, 52, 25])
+    teacher = ages.float().unsqueeze(1)
+    d = tasks.distillation(teacher + 5, teacher, ages, 2.0)
+    assert float(d) == pytest.approx(25.0)  # the MSE, not a saturated Bernoulli KL
+
+
+def test_a_pair_over_no_example_counts_as_nothing():
+    assert tasks.metric_value((float("nan"), 0), 8, where="eval batch 2") == (0.0, 0.0)
+    with pytest.raises(DataError, match="not finite on eval batch 2"):
+        tasks.metric_value((float("nan"), 3), 8, where="eval batch 2")
