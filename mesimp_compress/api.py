@@ -33,7 +33,7 @@ from .errors import (
     ShapeError,
     describe,
 )
-from .events import EventSink, emit
+from .events import EventSink, NoteRecorder, emit
 from .inputs import batch_axis, forward_order
 from .modelcheck import check_model, copy_failed, unwrap
 from .outputs import OutputDir
@@ -94,6 +94,7 @@ def compress(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if sink is not None and not callable(sink):
         raise ConfigError(f"sink must be a callable taking an Event, got {type(sink).__name__}")
+    sink = NoteRecorder(sink)  # every note of the run goes into report.json too
     model = unwrap(model, sink)
     output = OutputDir(out, force=force) if out is not None else None  # refuse early
     checkpointer, state = _checkpoint(out, checkpoint_dir, resume, cfg, sink)
@@ -235,6 +236,7 @@ def _run(
                 metric=metric,
                 sink=sink,
                 factory=factory,
+                notes=sink.notes if isinstance(sink, NoteRecorder) else (),
             )
             result.out = output.path
     except BaseException:

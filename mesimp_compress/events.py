@@ -28,3 +28,20 @@ def emit(sink: EventSink | None, kind: str, **data: Any) -> None:
     (plain values), so what it does with them cannot reach the run's history or report."""
     if sink is not None:
         sink(Event(kind, copy.deepcopy(data)))
+
+
+class NoteRecorder:
+    """A sink that keeps the message of every ``note`` event (once each, in order) and
+    passes every event on to ``sink``: notes raised anywhere in a run reach its report."""
+
+    def __init__(self, sink: EventSink | None) -> None:
+        self.sink = sink
+        self.notes: list[str] = []
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "note":
+            message = str(event.data.get("message", ""))
+            if message and message not in self.notes:
+                self.notes.append(message)
+        if self.sink is not None:
+            self.sink(event)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,8 +181,10 @@ def export_and_verify(
     metric: Any = None,
     sink: EventSink | None = None,
     factory: str | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the proof and publish ``output``; return the report."""
+    """Run the proof and publish ``output``; return the report (its notes: the proof's,
+    the fine-tuning's, the timing's and ``notes``, the run's other note events)."""
     try:
         report = _prove(
             output,
@@ -198,6 +200,7 @@ def export_and_verify(
             metric,
             sink,
             factory,
+            notes,
         )
     except BaseException:
         output.discard()
@@ -223,6 +226,7 @@ def _prove(
     metric: Any,
     sink: EventSink | None,
     factory: str | None,
+    notes: Sequence[str],
 ) -> dict[str, Any]:
     from .export import export_onnx
     from .latency import benchmark, dense_twin
@@ -351,7 +355,7 @@ def _prove(
         latency=latency,
         export=exports,
         skipped=skipped,
-        notes=[*proof.notes, *tuned.notes, *timing_notes],
+        notes=list(dict.fromkeys([*proof.notes, *tuned.notes, *timing_notes, *notes])),
         bench_threads=threads,
         status="failed" if failed else "ok",
         error=error,

@@ -1095,3 +1095,25 @@ def test_a_run_that_prunes_nothing_says_why(data, why) -> None:
     assert all(len(v) == result.widths_before[k] for k, v in result.plan.kept.items())
     notes = [e.data["message"] for e in events if e.kind == "note"]
     assert any(n.startswith("nothing was pruned: ") and says in n for n in notes), notes
+
+
+class _Unsized:
+    """Re-iterable batches without a len(), as a stream gives them."""
+
+    def __init__(self, batches) -> None:
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_every_note_of_the_run_reaches_the_report(tmp_path, data) -> None:
+    train, evaluation = data
+    events = []
+    result = mc.compress(_tiny.mlp(), _Unsized(train), evaluation,
+                         config=CFG.replace(epoch_batches=len(list(train)) * 2),
+                         out=tmp_path / "out", sink=events.append)
+    shown = [e.data["message"] for e in events if e.kind == "note"]
+    assert any("epoch_batches gives" in n for n in shown)
+    saved = read_report(tmp_path / "out" / "report.json")["notes"]
+    assert set(shown) <= set(saved) and saved == result.report["notes"]
