@@ -35,6 +35,7 @@ from .errors import (
 )
 from .events import EventSink, NoteRecorder, emit
 from .inputs import batch_axis, forward_order
+from .meprop import native
 from .modelcheck import check_model, copy_failed, unwrap
 from .outputs import OutputDir
 from .simplify import Simplifier
@@ -139,6 +140,7 @@ def _run(
     world: distributed.World,
 ) -> CompressResult:
     _seed(cfg.seed)
+    native.reset_ran()  # the report says which meProp Linear backward this run trained with
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)  # validated by compress()

@@ -102,8 +102,8 @@ def keyword_pair(batch: Mapping[str, Any], order: list[str], where: str) -> tupl
         raise DataError(
             f"{where}: the batches give {sorted(given)} but not '{missing[0]}', which the "
             "model's forward takes before them: inputs are passed by position as tensors, so "
-            f"add '{missing[0]}' to the batches, or drop the keys after it, or wrap the model "
-            "in a module whose forward takes just these"
+            "wrap the model in a module whose forward takes just these and passes them on by "
+            f"name, or drop the keys after '{missing[0]}' (or give it as a tensor, if it is one)"
         )
     return tuple(given[n] for n in used), batch[key]
 

@@ -30,6 +30,7 @@ from torch import nn
 from .config import CompressConfig
 from .errors import ConfigError, ExportError, ParityError
 from .events import EventSink, emit
+from .meprop.native import which_ran
 from .outputs import OutputDir
 
 ORIGINAL, COMPRESSED, REFERENCE, INT8 = "original", "compressed", "reference", "int8"
@@ -374,6 +375,8 @@ def _prove(
         "onnxruntime": metrics["ort_before"],
     }
     report["metric_after"] = {"torch": metrics["torch_after"], "onnxruntime": metrics["ort_after"]}
+    # which meProp Linear backward trained (results differ between them in float rounding)
+    report["versions"]["meprop_backward"] = which_ran()
     _plots(report, output, tuned, cfg, sink)
     write_report(report, output.file("report.json"))
     return report

@@ -186,8 +186,7 @@ def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str | None]:
-    """Versions of Python and of the packages the proof depends on, and which meProp
-    backward of nn.Linear ran ("compiled" or "python": results differ in float rounding)."""
+    """Versions of Python and of the packages the proof depends on."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "mesimp-compress"):
         try:
@@ -195,9 +194,6 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name.replace("-", "_")] = None
     out["torch"] = torch.__version__
-    from .meprop import native
-
-    out["meprop_backward"] = "compiled" if native.module() is not None else "python"
     return out
 
 

@@ -1117,3 +1117,14 @@ def test_every_note_of_the_run_reaches_the_report(tmp_path, data) -> None:
     assert any("epoch_batches gives" in n for n in shown)
     saved = read_report(tmp_path / "out" / "report.json")["notes"]
     assert set(shown) <= set(saved) and saved == result.report["notes"]
+
+
+def test_the_report_names_the_meprop_backward_that_trained(run, data, tmp_path) -> None:
+    from mesimp_compress.meprop import native
+
+    _, result, _ = run
+    built = native.module() is not None
+    assert result.report["versions"]["meprop_backward"] == ("compiled" if built else "python")
+    python = mc.compress(_tiny.mlp(), *data, config=CFG.replace(mode="per_example"),
+                         out=tmp_path / "pe")  # a mode only the Python backward runs
+    assert python.report["versions"]["meprop_backward"] == "python"

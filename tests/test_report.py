@@ -136,11 +136,6 @@ def test_versions_and_machine_name_the_installed_packages():
     v = versions()
     assert v["torch"] == torch.__version__ and v["onnx"] == onnx.__version__
     assert v["onnxruntime"] == onnxruntime.__version__
-    from mesimp_compress.meprop import native
-
-    assert v["meprop_backward"] == ("compiled" if native.module() else "python")
-    with native.disabled():
-        assert versions()["meprop_backward"] == "python"
     assert machine([1])["torch_threads"] == torch.get_num_threads()
 
 

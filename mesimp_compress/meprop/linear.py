@@ -27,6 +27,7 @@ from .functions import (
     selection_synced,
     unified_units,
 )
+from .native import ran
 from .settings import MePropSettings, Swappable, build_settings, runs_dense
 
 
@@ -154,6 +155,7 @@ def linear_forward(s: MePropSettings, x: torch.Tensor, weight: torch.Tensor, bia
         out = compiled_call(s, x, weight, bias)
         if out is not None:
             return out
+    ran("python")
     return _LinearFn.apply(x, weight, bias, s, s.k)
 
 
@@ -184,6 +186,7 @@ def compiled_call(s: MePropSettings, x: torch.Tensor, weight: torch.Tensor,
         if counter is None:
             return None
         hits, seen = counter(s.key, weight.shape[0])
+    ran("compiled")
     return lib.linear(x, weight, bias, s.k, rowgrad.slot(weight, lib), hits, seen)
 
 

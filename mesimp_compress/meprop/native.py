@@ -40,6 +40,24 @@ SOURCE = Path(__file__).with_name("native.cpp")
 CFLAGS = ["-O3"]
 
 _STATE: dict[str, object] = {"module": None, "looked": False, "off": False}
+_RAN: set[str] = set()  # which meProp Linear backward ran since reset_ran(): compiled, python
+
+
+def ran(path: str) -> None:
+    """Note that a meProp Linear forward took ``path`` ("compiled" or "python")."""
+    if path not in _RAN:
+        _RAN.add(path)
+
+
+def reset_ran() -> None:
+    """Forget which paths ran (a run starts)."""
+    _RAN.clear()
+
+
+def which_ran() -> str:
+    """"compiled", "python", "compiled and python" (some layers each) or "none" (no meProp
+    Linear trained) since :func:`reset_ran`: results differ between them in float rounding."""
+    return " and ".join(sorted(_RAN)) or "none"
 
 
 def build_dir() -> Path:
