@@ -95,7 +95,8 @@ def compress(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if sink is not None and not callable(sink):
         raise ConfigError(f"sink must be a callable taking an Event, got {type(sink).__name__}")
-    sink = NoteRecorder(sink)  # every note of the run goes into report.json too
+    if out is not None:  # every note of the run goes into report.json
+        sink = NoteRecorder(sink)
     model = unwrap(model, sink)
     output = OutputDir(out, force=force) if out is not None else None  # refuse early
     checkpointer, state = _checkpoint(out, checkpoint_dir, resume, cfg, sink)

@@ -20,7 +20,7 @@ import copy
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ class OriginalProof:
     where: list[str]  # how errors name them
     axes: list[dict[int, str]] | None = None  # dynamic axes beyond the defaults, if any
     sizes: list[Any] | None = None  # the file's parameter counts per module (LayerSize)
-    notes: list[str] = field(default_factory=list)  # what the proof could not check
 
 
 def prove_original(
@@ -82,8 +81,7 @@ def prove_original(
     axes = observed_axes(inputs, [*batches, *_input_shapes(eval_data)], cfg.batch_dim)
     if cfg.batches:  # the latency table's largest batch must fit (checked again when timed)
         check_room(inputs, axes, max(cfg.batches), cfg.bench_seq)
-    notes = _resized_batch(before, batches, names, cfg.batch_dim, axes)
-    for note in notes:
+    for note in _resized_batch(before, batches, names, cfg.batch_dim, axes):
         emit(sink, "note", message=note)
     try:
         exported = export_onnx(before, inputs, path, opset=cfg.opset, dynamic_axes=axes,
@@ -121,7 +119,7 @@ def prove_original(
         like = before(*inputs)  # ORT's flat outputs go to the metric in this structure
     value = evaluate_onnx(session, eval_data, metric, input_names=exported.input_names, like=like,
                           batch_dim=cfg.batch_dim)
-    return OriginalProof(exported, parity, value, batches, names, axes, sizes, notes)
+    return OriginalProof(exported, parity, value, batches, names, axes, sizes)
 
 
 def _input_shapes(data: Iterable[Any]) -> list[tuple[Any, ...]]:
@@ -184,8 +182,8 @@ def export_and_verify(
     factory: str | None = None,
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the proof and publish ``output``; return the report (its notes: the proof's,
-    the fine-tuning's, the timing's and ``notes``, the run's other note events)."""
+    """Run the proof and publish ``output``; return the report. ``notes`` is the run's
+    list of note messages (what every ``note`` event said, the proof's while it runs)."""
     try:
         report = _prove(
             output,
@@ -291,7 +289,7 @@ def _prove(
 
         timed = {ORIGINAL: paths[ORIGINAL], COMPRESSED: paths[COMPRESSED]}
         exporter = exports[COMPRESSED].exporter  # every file timed comes from this exporter
-        timing_notes = _same_exporter(timed, exports, exporter, before, inputs, Path(scratch),
+        _same_exporter(timed, exports, exporter, before, inputs, Path(scratch),
                                       cfg, proof, sink)
         reference = Path(scratch) / "reference.onnx"
         try:
@@ -356,7 +354,7 @@ def _prove(
         latency=latency,
         export=exports,
         skipped=skipped,
-        notes=list(dict.fromkeys([*proof.notes, *tuned.notes, *timing_notes, *notes])),
+        notes=list(notes),
         bench_threads=threads,
         status="failed" if failed else "ok",
         error=error,
@@ -412,16 +410,16 @@ def _unique_params(model: nn.Module) -> int:
 def _same_exporter(timed: dict[str, Path], exports: dict[str, Any], exporter: str,
                    before: nn.Module, inputs: tuple[Any, ...], scratch: Path,
                    cfg: CompressConfig, proof: OriginalProof,
-                   sink: EventSink | None) -> list[str]:
+                   sink: EventSink | None) -> None:
     """Time the original from a file of the compressed model's exporter: when model.onnx fell
     back to another exporter than original.onnx, part of the speedup was the other graph (a
-    tagger's TorchScript file ran 1.16x faster than its dynamo file at batch 1). Returns
-    the note for the report."""
+    tagger's TorchScript file ran 1.16x faster than its dynamo file at batch 1). Says so in
+    a note."""
     from .export import export_onnx
 
     first = exports[ORIGINAL].exporter
     if first == exporter:
-        return []
+        return
     twin = scratch / "original.onnx"
     try:
         export_onnx(before, inputs, twin, opset=cfg.opset, dynamic_axes=proof.axes,
@@ -436,4 +434,3 @@ def _same_exporter(timed: dict[str, Path], exports: dict[str, Any], exporter: st
                 f"{first} one: the original is timed from a {exporter} export of its own, so "
                 "the latency ratios compare graphs of one exporter")
     emit(sink, "note", message=note)
-    return [note]

@@ -87,7 +87,6 @@ class FineTuneResult:
     metric_after: float
     hits: dict[str, list[int]]
     examples: dict[str, int]
-    notes: list[str] = field(default_factory=list)  # what surgery could not do, each once
 
 
 def module_modes(model: nn.Module) -> dict[str, bool]:
@@ -223,8 +222,7 @@ class FineTuner:
         remove_meprop(self.model)
         self.simp.detach_means(self.model)
         metric_after = self._evaluate()
-        notes = self.simp.notes() + self._unseen_notes() + self._nothing_pruned()
-        for note in notes:
+        for note in self.simp.notes() + self._unseen_notes() + self._nothing_pruned():
             emit(self.sink, "note", message=note)
         emit(
             self.sink,
@@ -242,7 +240,6 @@ class FineTuner:
             metric_after=metric_after,
             hits=self.simp.total_hits(self.tracker),
             examples=self.simp.total_examples(self.tracker),
-            notes=notes,
         )
 
     # ------------------------------------------------------------------ phases

@@ -45,8 +45,7 @@ _RAN: set[str] = set()  # which meProp Linear backward ran since reset_ran(): co
 
 def ran(path: str) -> None:
     """Note that a meProp Linear forward took ``path`` ("compiled" or "python")."""
-    if path not in _RAN:
-        _RAN.add(path)
+    _RAN.add(path)
 
 
 def reset_ran() -> None:

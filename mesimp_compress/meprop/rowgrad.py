@@ -135,7 +135,7 @@ def collect(param: torch.Tensor) -> None:
     entry = _SLOTS.get(id(param))
     if entry is None or entry[0]() is not param:
         return
-    waiting = _lib().take_rows(entry[1])
+    waiting = native.built().take_rows(entry[1])
     consumer = consumer_of(param)
     if consumer is not None:
         for rows, values in waiting:
@@ -145,14 +145,10 @@ def collect(param: torch.Tensor) -> None:
 def _mark(key: int, claimed: bool, drop: bool = False) -> None:
     entry = _SLOTS.get(key)
     if entry is not None:
-        lib = _lib()
+        lib = native.built()
         lib.set_claimed(entry[1], claimed)
         if drop:
             lib.take_rows(entry[1])
-
-
-def _lib() -> Any:
-    return native.built()
 
 
 # asks the running backward pass whether it will run a node (absent in some torch versions)
